@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 import typer
+from typer.core import TyperGroup
 
 from s3cli.cli.console import error_line
 from s3cli.errors import S3Error
@@ -13,26 +13,26 @@ from s3cli.errors import S3Error
 __all__ = ["app", "main"]
 
 
-class _App(typer.Typer):
-    """A Typer app whose user-facing errors end as one line and a non-zero exit code."""
+class _Group(TyperGroup):
+    """Runs a command; a user-facing error ends as one stderr line and exit code 1, Ctrl-C as
+    exit code 130. ``--debug`` shows the traceback instead."""
 
-    debug: bool = False
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+    def invoke(self, ctx: typer.Context) -> Any:
         try:
-            return super().__call__(*args, **kwargs)
+            return super().invoke(ctx)
         except S3Error as exc:
-            if _App.debug:
+            if ctx.obj and ctx.obj.get("debug"):
                 raise
             error_line(str(exc))
-            sys.exit(1)
+            ctx.exit(1)
         except KeyboardInterrupt:
             error_line("interrupted")
-            sys.exit(130)
+            ctx.exit(130)
 
 
-app = _App(
+app = typer.Typer(
     name="s3",
+    cls=_Group,
     help="Track and segment objects through videos (S3 / Cutie video object segmentation).",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -42,9 +42,10 @@ app = _App(
 
 @app.callback()
 def _root(
+    ctx: typer.Context,
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks instead of one error line."),
 ) -> None:
-    _App.debug = debug
+    ctx.obj = {"debug": debug}
 
 
 @app.command()
@@ -53,6 +54,15 @@ def version() -> None:
     from s3cli import __version__
 
     typer.echo(__version__)
+
+
+from s3cli.cli.weights import weights_app  # noqa: E402
+
+app.add_typer(weights_app, name="weights")
+
+from s3cli.cli.score import score  # noqa: E402
+
+app.command("score")(score)
 
 
 def main() -> None:

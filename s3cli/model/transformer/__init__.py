@@ -1,0 +1,1 @@
+"""The object transformer (queries that read pixels and write back) and object summarizer."""

@@ -1,0 +1,68 @@
+"""``s3 weights``: bad checkpoint files give one clear error line and a non-zero exit."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from s3cli.cli.main import app
+from s3cli.model.registry import build_network
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def small_ckpt(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("ck") / "small.pth"
+    torch.save(build_network("cutie-small", synthetic=True).state_dict(), path)
+    return path
+
+
+def _one_error_line(result, needle: str) -> None:
+    assert result.exit_code == 1, result.output
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, result.stderr
+    assert needle in lines[0]
+    assert "Traceback" not in result.output
+    assert result.stdout == ""
+
+
+def test_check_ok(small_ckpt: Path) -> None:
+    result = runner.invoke(app, ["weights", "check", str(small_ckpt)])
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.stdout)
+    assert info["model"] == "cutie-small" and info["parameters"] > 1_000_000
+
+
+def test_check_truncated(small_ckpt: Path, tmp_path: Path) -> None:
+    cut = tmp_path / "cut.pth"
+    cut.write_bytes(small_ckpt.read_bytes()[:100_000])
+    _one_error_line(runner.invoke(app, ["weights", "check", str(cut)]), f"{cut}: not a readable")
+
+
+def test_check_not_a_checkpoint(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.pth"
+    bad.write_text("not a model")
+    _one_error_line(runner.invoke(app, ["weights", "check", str(bad)]), f"{bad}: not a readable")
+
+
+def test_check_wrong_model(small_ckpt: Path) -> None:
+    result = runner.invoke(app, ["weights", "check", "--model", "cutie-base", str(small_ckpt)])
+    _one_error_line(result, "is a cutie-small checkpoint, not cutie-base")
+
+
+def test_check_missing(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["weights", "check", str(tmp_path / "none.pth")])
+    _one_error_line(result, "no such checkpoint file")
+
+
+def test_list_json() -> None:
+    result = runner.invoke(app, ["weights", "--json"])
+    assert result.exit_code == 0
+    rows = json.loads(result.stdout)
+    mega = next(r for r in rows if r["file"] == "cutie-base-mega.pth")
+    assert mega["md5"] == "a6071de6136982e396851903ab4c083a" and mega["model"] == "cutie-base"
