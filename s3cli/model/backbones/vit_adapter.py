@@ -1,0 +1,352 @@
+"""S3's image encoder: a frozen ViT-B with the spatial-semantic adapter.
+
+The paper's encoder keeps a pretrained plain ViT frozen and builds a multi-scale feature pyramid
+beside it:
+
+- a **spatial prior module** (a small conv stem) gives stride-4/8/16 maps; the stride-8 and
+  stride-16 maps, lifted to the ViT width, become the adapter's spatial tokens ``c``;
+- four **interaction blocks**, each owning a quarter of the ViT layers. The ViT runs unchanged
+  (it never receives adapter features); after its layers the spatial tokens take
+  1. **semantic embedding**: cross-attention from the spatial tokens to the CLS token and the
+     mean patch token,
+  2. **spatial dependency modelling**: deformable attention from the spatial tokens to the ViT's
+     stride-16 patch tokens, followed by a **ConvFFN** (linear, depth-wise 3x3 conv on each token
+     scale, GELU, linear);
+- the spatial tokens are reshaped into stride-8/16 maps, a transposed conv brings the stride-8 map
+  to stride 4 (plus the stem's stride-4 map), the ViT outputs of the first three blocks are added
+  at strides 4/8/16, and each scale is batch-normalised.
+
+Attribute names follow the official code (``D2VitAdapterDinoV2`` / ``DinoV2ViTAdapter`` with
+``InteractionBlockWithCls_Efficient``), so the official ``pixel_encoder.*`` state_dict loads as is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from s3cli.model.backbones.vit import VisionTransformer
+from s3cli.model.layers.deformable_attention import MSDeformAttn, reference_points_for
+
+__all__ = [
+    "ConvFFN",
+    "Extractor",
+    "InteractionBlock",
+    "SemanticCrossAttention",
+    "SpatialPriorModule",
+    "ViTAdapterConfig",
+    "ViTAdapterEncoder",
+]
+
+Capture = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class ViTAdapterConfig:
+    """Sizes of the encoder; the defaults are the official ``adapter_depthanybase`` preset."""
+
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_hidden: int = 3072
+    patch_size: int = 16
+    pos_grid: int = 37
+    interaction_indexes: tuple[tuple[int, int], ...] = ((0, 2), (3, 5), (6, 8), (9, 11))
+    deform_num_heads: int = 12
+    n_points: int = 4
+    cffn_ratio: float = 0.25
+    conv_inplane: int = 64
+    num_extra_extractors: int = 2
+    vit_eps: float = 1e-6
+    adapter_eps: float = 1e-6
+    semantic_eps: float = 1e-5
+    freeze_vit: bool = True
+
+
+class SpatialPriorModule(nn.Module):
+    """Spatial prior module: a conv stem giving stride-4/8/16 features at the ViT width.
+
+    Returns c1 as a map ``(B, C, H/4, W/4)`` and c2, c3 as tokens ``(B, H/8*W/8, C)``,
+    ``(B, H/16*W/16, C)``.
+    """
+
+    def __init__(self, inplanes: int = 64, embed_dim: int = 768) -> None:
+        super().__init__()
+
+        def conv_bn_relu(cin: int, cout: int, stride: int) -> list[nn.Module]:
+            return [
+                nn.Conv2d(cin, cout, kernel_size=3, stride=stride, padding=1, bias=False),
+                nn.BatchNorm2d(cout),
+                nn.ReLU(inplace=True),
+            ]
+
+        self.stem = nn.Sequential(
+            *conv_bn_relu(3, inplanes, 2),
+            *conv_bn_relu(inplanes, inplanes, 1),
+            *conv_bn_relu(inplanes, inplanes, 1),
+            nn.MaxPool2d(kernel_size=3, stride=2, padding=1),
+        )
+        self.conv2 = nn.Sequential(*conv_bn_relu(inplanes, 2 * inplanes, 2))
+        self.conv3 = nn.Sequential(*conv_bn_relu(2 * inplanes, 4 * inplanes, 2))
+        self.fc1 = nn.Conv2d(inplanes, embed_dim, kernel_size=1)
+        self.fc2 = nn.Conv2d(2 * inplanes, embed_dim, kernel_size=1)
+        self.fc3 = nn.Conv2d(4 * inplanes, embed_dim, kernel_size=1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        c1 = self.stem(x)  # (B, 64, H/4, W/4)
+        c2 = self.conv2(c1)  # (B, 128, H/8, W/8)
+        c3 = self.conv3(c2)  # (B, 256, H/16, W/16)
+        c1 = self.fc1(c1)  # (B, C, H/4, W/4)
+        c2 = self.fc2(c2).flatten(2).transpose(1, 2)  # (B, H/8*W/8, C)
+        c3 = self.fc3(c3).flatten(2).transpose(1, 2)  # (B, H/16*W/16, C)
+        return c1, c2, c3
+
+
+class SemanticCrossAttention(nn.Module):
+    """Semantic embedding: the spatial tokens read the ViT's CLS and mean patch token.
+
+    ``c = LN(c) + MHA(query=LN(c), key=value=[cls, mean patch])``. As in the official
+    ``CrossAttention`` the residual is the *normalised* input and the LayerNorm has PyTorch's
+    default eps (1e-5).
+    """
+
+    def __init__(self, dim: int, num_heads: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.cross_attn = nn.MultiheadAttention(dim, num_heads, batch_first=True)
+        self.norm = nn.LayerNorm(dim, eps=eps)
+
+    def forward(self, c: torch.Tensor, mem: torch.Tensor) -> torch.Tensor:
+        """``c``: ``(B, N, C)`` spatial tokens; ``mem``: ``(B, 2, C)``. Returns ``(B, N, C)``."""
+        c = self.norm(c)
+        out, _ = self.cross_attn(c, mem, mem, need_weights=False)
+        return c + out
+
+
+class DWConv(nn.Module):
+    """Depth-wise 3x3 conv on the token list ``[stride-8 tokens, stride-16 tokens]``.
+
+    The list is split back into its two maps and the same conv runs on each separately.
+    """
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.dwconv = nn.Conv2d(dim, dim, 3, 1, 1, bias=True, groups=dim)
+
+    def forward(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        """``x``: ``(B, 4hw + hw, C)`` with (h, w) the stride-16 grid. Returns the same shape."""
+        b, _, c = x.shape
+        # The official code splits at 16 * (N // 20), which is 4hw whenever it runs at all.
+        n8 = 4 * h * w
+        x8 = x[:, :n8].transpose(1, 2).reshape(b, c, 2 * h, 2 * w).contiguous()  # (B, C, 2h, 2w)
+        x16 = x[:, n8:].transpose(1, 2).reshape(b, c, h, w).contiguous()  # (B, C, h, w)
+        x8 = self.dwconv(x8).flatten(2).transpose(1, 2)  # (B, 4hw, C)
+        x16 = self.dwconv(x16).flatten(2).transpose(1, 2)  # (B, hw, C)
+        return torch.cat([x8, x16], dim=1)
+
+
+class ConvFFN(nn.Module):
+    """ConvFFN: ``fc2(GELU(dwconv(fc1(x))))``, the depth-wise conv adding local context."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.dwconv = DWConv(hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        x = self.fc1(x)  # (B, N, hidden)
+        x = self.act(self.dwconv(x, h, w))
+        return self.fc2(x)  # (B, N, C)
+
+
+class Extractor(nn.Module):
+    """Spatial dependency modelling: deformable attention to the ViT tokens, then ConvFFN.
+
+    ``c = c + MSDeformAttn(LN(c), LN(vit tokens))``; ``c = c + ConvFFN(LN(c))``. One level (the
+    stride-16 ViT tokens); each spatial token's reference point is its own cell centre.
+    """
+
+    def __init__(
+        self, dim: int, num_heads: int, n_points: int, cffn_ratio: float, eps: float = 1e-6
+    ) -> None:
+        super().__init__()
+        self.query_norm = nn.LayerNorm(dim, eps=eps)
+        self.feat_norm = nn.LayerNorm(dim, eps=eps)
+        self.attn = MSDeformAttn(d_model=dim, n_levels=1, n_heads=num_heads, n_points=n_points)
+        self.ffn = ConvFFN(dim, int(dim * cffn_ratio))
+        self.ffn_norm = nn.LayerNorm(dim, eps=eps)
+
+    def forward(
+        self, c: torch.Tensor, reference_points: torch.Tensor, feat: torch.Tensor, h: int, w: int
+    ) -> torch.Tensor:
+        """Update spatial tokens ``c`` ``(B, 5hw, C)`` from ViT tokens ``feat`` ``(B, hw, C)``.
+
+        ``reference_points``: ``(1, 5hw, 1, 2)``; (h, w) is the stride-16 grid.
+        """
+        attn = self.attn(self.query_norm(c), reference_points, self.feat_norm(feat), [(h, w)])
+        c = c + attn
+        return c + self.ffn(self.ffn_norm(c), h, w)
+
+
+class InteractionBlock(nn.Module):
+    """One interaction block (official ``InteractionBlockWithCls_Efficient``), minus the ViT layers.
+
+    The ViT layers it owns live in the shared ``vit_module`` and are run by the encoder; this
+    module updates the spatial tokens from their output: semantic cross-attention, the extractor,
+    and (last block only) extra extractors.
+    """
+
+    def __init__(self, cfg: ViTAdapterConfig, num_extra_extractors: int = 0) -> None:
+        super().__init__()
+
+        def extractor() -> Extractor:
+            return Extractor(
+                cfg.embed_dim, cfg.deform_num_heads, cfg.n_points, cfg.cffn_ratio, cfg.adapter_eps
+            )
+
+        self.extractor = extractor()
+        self.extra_extractors = (
+            nn.Sequential(*[extractor() for _ in range(num_extra_extractors)])
+            if num_extra_extractors
+            else None
+        )
+        self.read_from_cls = SemanticCrossAttention(
+            cfg.embed_dim, cfg.deform_num_heads, eps=cfg.semantic_eps
+        )
+
+    def forward(
+        self,
+        c: torch.Tensor,
+        x: torch.Tensor,
+        cls: torch.Tensor,
+        reference_points: torch.Tensor,
+        h: int,
+        w: int,
+        capture: Capture | None = None,
+        prefix: str = "",
+    ) -> torch.Tensor:
+        """``c``: ``(B, 5hw, C)`` spatial tokens; ``x``: ``(B, hw, C)``; ``cls``: ``(B, 1, C)``."""
+        mem = torch.cat([cls, x.mean(dim=1, keepdim=True)], dim=1)  # (B, 2, C)
+        c = self.read_from_cls(c, mem)
+        if capture is not None:
+            capture[f"{prefix}c_after_cls"] = c
+        c = self.extractor(c, reference_points, x, h, w)
+        if capture is not None:
+            capture[f"{prefix}c_after_extractor"] = c
+        if self.extra_extractors is not None:
+            for extra in self.extra_extractors:
+                c = extra(c, reference_points, x, h, w)
+        return c
+
+
+class ViTAdapterEncoder(nn.Module):
+    """Frozen ViT-B + spatial-semantic adapter; returns ``[f16, f8, f4]`` (all ``embed_dim`` ch).
+
+    The input is a mean/std-normalised image ``(B, 3, H, W)`` with H and W multiples of 32 (the
+    padding S3 uses; multiples of 16 would do for this implementation).
+    """
+
+    def __init__(self, cfg: ViTAdapterConfig | None = None) -> None:
+        super().__init__()
+        cfg = cfg or ViTAdapterConfig()
+        self.cfg = cfg
+        dim = cfg.embed_dim
+        self.ms_dims: tuple[int, int, int] = (dim, dim, dim)
+        n_blocks = len(cfg.interaction_indexes)
+        if n_blocks < 3:
+            raise ValueError("the adapter needs at least 3 interaction blocks (strides 4, 8, 16)")
+        # Registration order matches the official module, so state_dict keys come out in order.
+        self.level_embed = nn.Parameter(torch.zeros(2, dim))
+        self.spm = SpatialPriorModule(cfg.conv_inplane, dim)
+        self.interactions = nn.Sequential(
+            *[
+                InteractionBlock(cfg, cfg.num_extra_extractors if i == n_blocks - 1 else 0)
+                for i in range(n_blocks)
+            ]
+        )
+        self.up = nn.ConvTranspose2d(dim, dim, 2, 2)
+        self.norm1 = nn.BatchNorm2d(dim)
+        self.norm2 = nn.BatchNorm2d(dim)
+        self.norm3 = nn.BatchNorm2d(dim)
+        self.vit_module = VisionTransformer(
+            embed_dim=dim,
+            depth=cfg.depth,
+            num_heads=cfg.num_heads,
+            mlp_hidden=cfg.mlp_hidden,
+            patch_size=cfg.patch_size,
+            pos_grid=cfg.pos_grid,
+            eps=cfg.vit_eps,
+        )
+        nn.init.normal_(self.level_embed)
+        if cfg.freeze_vit:
+            self.vit_module.requires_grad_(False)
+
+    def _run_vit(self, tokens: torch.Tensor, first: int, last: int) -> torch.Tensor:
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.cfg.freeze_vit):
+            for blk in self.vit_module.blocks[first : last + 1]:
+                tokens = blk(tokens)
+        return tokens
+
+    def forward(self, x: torch.Tensor, capture: Capture | None = None) -> list[torch.Tensor]:
+        """Encode a normalised image ``(B, 3, H, W)``.
+
+        Returns ``[f16, f8, f4]``: ``(B, C, H/16, W/16)``, ``(B, C, H/8, W/8)``,
+        ``(B, C, H/4, W/4)``.
+
+        ``capture``, when given, is filled with adapter internals (for tests): ``vit_tokens_in``,
+        ``spm_c2``, ``spm_c3`` (before the level embedding), and per block i ``int{i}_x``,
+        ``int{i}_cls``, ``int{i}_c_after_cls``, ``int{i}_c16_after_cls``,
+        ``int{i}_c_after_extractor``, ``int{i}_c16_out``, plus
+        ``int0_c8_after_extractor_first64``. Tensors are stored, not copied.
+        """
+        b, _, height, width = x.shape
+        p = self.cfg.patch_size
+        if height % p or width % p:
+            raise ValueError(f"input {height}x{width} must be a multiple of {p} (S3 pads to 32)")
+        h, w = height // p, width // p
+        dim = self.cfg.embed_dim
+        n8 = 4 * h * w
+
+        # Spatial prior: stride-8 then stride-16 tokens, each with its level embedding.
+        c1, c2, c3 = self.spm(x)
+        if capture is not None:
+            capture["spm_c2"], capture["spm_c3"] = c2, c3
+        c = torch.cat([c2 + self.level_embed[0], c3 + self.level_embed[1]], dim=1)  # (B, 5hw, C)
+        # Each spatial token's reference point is its own cell centre on its own grid.
+        ref = reference_points_for([(2 * h, 2 * w), (h, w)], x.device, c.dtype)[:, :, None]
+
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.cfg.freeze_vit):
+            tokens, _, _ = self.vit_module.prepare_tokens(x)  # (B, 1 + hw, C)
+        if capture is not None:
+            capture["vit_tokens_in"] = tokens
+
+        vit_maps: list[torch.Tensor] = []
+        for i, (layer, (first, last)) in enumerate(
+            zip(self.interactions, self.cfg.interaction_indexes, strict=True)
+        ):
+            tokens = self._run_vit(tokens, first, last)
+            cls, xs = tokens[:, :1], tokens[:, 1:]  # (B, 1, C), (B, hw, C)
+            c = layer(c, xs, cls, ref, h, w, capture=capture, prefix=f"int{i}_")
+            if capture is not None:
+                capture[f"int{i}_x"], capture[f"int{i}_cls"] = xs, cls
+                capture[f"int{i}_c16_after_cls"] = capture[f"int{i}_c_after_cls"][:, n8:]
+                capture[f"int{i}_c16_out"] = c[:, n8:]
+            if i < 3:  # blocks 0-2 feed strides 4/8/16; later blocks' ViT maps are unused
+                # contiguous (NCHW) like the official code: the resize kernel depends on layout
+                vit_maps.append(xs.transpose(1, 2).reshape(b, dim, h, w).contiguous())
+        if capture is not None:
+            capture["int0_c8_after_extractor_first64"] = capture["int0_c_after_extractor"][:, :64]
+
+        # Back to maps; stride 4 = upsampled stride-8 map + the stem's stride-4 map.
+        f8 = c[:, :n8].transpose(1, 2).reshape(b, dim, 2 * h, 2 * w).contiguous()
+        f16 = c[:, n8:].transpose(1, 2).reshape(b, dim, h, w).contiguous()
+        f4 = self.up(f8) + c1
+        # ViT features of blocks 0, 1, 2 at strides 4, 8, 16.
+        f4 = f4 + F.interpolate(vit_maps[0], scale_factor=4, mode="bilinear", align_corners=False)
+        f8 = f8 + F.interpolate(vit_maps[1], scale_factor=2, mode="bilinear", align_corners=False)
+        f16 = f16 + vit_maps[2]
+        return [self.norm3(f16), self.norm2(f8), self.norm1(f4)]
