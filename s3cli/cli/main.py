@@ -56,7 +56,10 @@ def version() -> None:
     typer.echo(__version__)
 
 
+from s3cli.cli.segment import segment  # noqa: E402
 from s3cli.cli.weights import weights_app  # noqa: E402
+
+app.command("segment")(segment)
 
 app.add_typer(weights_app, name="weights")
 

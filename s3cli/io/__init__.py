@@ -1,0 +1,1 @@
+"""Reading videos, frame folders and masks; writing results atomically."""
