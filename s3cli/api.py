@@ -169,6 +169,16 @@ def _fit_mask(mask: IndexMask, path: Path, size: tuple[int, int], resize: bool) 
     return IndexMask(arr, [int(v) for v in np.unique(arr) if v], mask.palette)
 
 
+def _keep_given(index: np.ndarray, mask: IndexMask) -> np.ndarray:
+    """On an annotated frame the given objects are exactly their given masks (the model works
+    at a lower internal resolution and would blur them)."""
+    index = index.copy()
+    index[np.isin(index, mask.ids)] = 0
+    given = mask.array > 0
+    index[given] = mask.array[given]
+    return index
+
+
 def _with_last(frames: Iterator[Frame]) -> Iterator[tuple[Frame, bool]]:
     """Yield (frame, is_last) with one frame of look-ahead."""
     prev = next(frames, None)
@@ -239,6 +249,8 @@ def segment_video(
                     end=last,
                 )
             index = tracker.to_index_mask(prob).cpu().numpy()
+            if mask is not None:
+                index = _keep_given(index, mask)
             writer.write(
                 frame.name,
                 frame.index,

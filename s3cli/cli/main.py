@@ -67,6 +67,10 @@ from s3cli.cli.score import score  # noqa: E402
 
 app.command("score")(score)
 
+from s3cli.cli.eval import eval_command  # noqa: E402
+
+app.command("eval")(eval_command)
+
 
 def main() -> None:
     app(prog_name="s3")
