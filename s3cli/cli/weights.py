@@ -65,3 +65,33 @@ def check_weights(
     net = load_network_from_file(path, expect=model)
     n = sum(p.numel() for p in net.parameters())
     typer.echo(json.dumps({"path": str(path), "model": net.cfg.name, "parameters": n}))
+
+
+@weights_app.command("fetch")
+def fetch_weights(
+    name: str = typer.Argument(..., help="Checkpoint file name (see `s3 weights`)."),
+    dest: Path = typer.Option(Path("weights"), "--dest", help="Folder to save into."),
+    mirror: str = typer.Option(None, "--mirror", help="Base URL of a mirror holding the file."),
+) -> None:
+    """Download a checkpoint, verify its size, hash and contents, and save it atomically."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+
+    from s3cli.model.download import fetch_checkpoint
+
+    with Progress(
+        "{task.description}",
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        console=err_console,
+        transient=True,
+        disable=not err_console.is_terminal,
+    ) as progress:
+        task = progress.add_task(name, total=None)
+        path = fetch_checkpoint(
+            name,
+            dest,
+            mirror=mirror,
+            on_progress=lambda done, total: progress.update(task, completed=done, total=total),
+        )
+    typer.echo(str(path))

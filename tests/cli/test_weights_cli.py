@@ -66,3 +66,63 @@ def test_list_json() -> None:
     rows = json.loads(result.stdout)
     mega = next(r for r in rows if r["file"] == "cutie-base-mega.pth")
     assert mega["md5"] == "a6071de6136982e396851903ab4c083a" and mega["model"] == "cutie-base"
+
+
+@pytest.fixture()
+def http_root(tmp_path: Path):
+    """A local HTTP server on 127.0.0.1 serving ``tmp_path / 'srv'``."""
+    import functools
+    import http.server
+    import threading
+
+    root = tmp_path / "srv"
+    root.mkdir()
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+    handler = functools.partial(Quiet, directory=str(root))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield root, f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_fetch_from_mirror(http_root, small_ckpt: Path, tmp_path: Path) -> None:
+    root, url = http_root
+    (root / "cutie-small-mega.pth").write_bytes(small_ckpt.read_bytes())
+    dest = tmp_path / "w"
+    r = runner.invoke(app, ["weights", "fetch", "cutie-small-mega", "--dest", str(dest),
+                            "--mirror", url])
+    assert r.exit_code == 0, r.output
+    assert r.stdout.strip() == str(dest / "cutie-small-mega.pth")
+    assert (dest / "cutie-small-mega.pth").read_bytes() == small_ckpt.read_bytes()
+    assert [p.name for p in dest.iterdir()] == ["cutie-small-mega.pth"]
+
+
+def test_fetch_rejects_wrong_content(http_root, small_ckpt: Path, tmp_path: Path) -> None:
+    root, url = http_root
+    (root / "cutie-base-nomose.pth").write_bytes(small_ckpt.read_bytes())  # a small model
+    (root / "cutie-base-mega.pth").write_bytes(b"x" * 1000)
+    dest = tmp_path / "w"
+    r = runner.invoke(app, ["weights", "fetch", "cutie-base-nomose.pth", "--dest", str(dest),
+                            "--mirror", url])
+    _one_error_line(r, "is a cutie-small checkpoint, not cutie-base")
+    r = runner.invoke(app, ["weights", "fetch", "cutie-base-mega", "--dest", str(dest),
+                            "--mirror", url])
+    _one_error_line(r, "got 1000 bytes, the official cutie-base-mega.pth has 140443788")
+    r = runner.invoke(app, ["weights", "fetch", "cutie-small-wmose", "--dest", str(dest),
+                            "--mirror", url])
+    _one_error_line(r, "download failed")
+    assert list(dest.iterdir()) == []
+
+
+def test_fetch_unknown_and_unpublished(tmp_path: Path) -> None:
+    r = runner.invoke(app, ["weights", "fetch", "nothing", "--dest", str(tmp_path)])
+    _one_error_line(r, "nothing: not a known checkpoint")
+    r = runner.invoke(app, ["weights", "fetch", "s3-base.pth", "--dest", str(tmp_path)])
+    _one_error_line(r, "no download address has been published")

@@ -1,0 +1,1 @@
+complete --command s3 --no-files --arguments "(env _S3_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=get-args _TYPER_COMPLETE_ARGS=(commandline -cp) s3)" --condition "env _S3_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=is-args _TYPER_COMPLETE_ARGS=(commandline -cp) s3"
