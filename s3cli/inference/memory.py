@@ -217,14 +217,23 @@ class MemoryManager:
     def _affinity(
         self, bucket_id: int, query_key: torch.Tensor, query_selection: torch.Tensor
     ) -> torch.Tensor:
-        """Top-k affinity (B, T, HW) of one bucket, updating usage counters."""
+        """Top-k affinity (B, T, HW) of one bucket, updating usage counters.
+
+        Always float32, also under autocast: the top-k cut and the softmax are sensitive.
+        """
+        with torch.autocast(query_key.device.type, enabled=False):
+            return self._affinity_fp32(bucket_id, query_key.float(), query_selection.float())
+
+    def _affinity_fp32(
+        self, bucket_id: int, query_key: torch.Tensor, query_selection: torch.Tensor
+    ) -> torch.Tensor:
         top_k = self.config.top_k
         work = self.work.buckets[bucket_id]
         if self.long is not None and self.long.engaged(bucket_id):
             long = self.long.buckets[bucket_id]
             long_size = long.size
-            mem_key = torch.cat([long.key, work.key], -1)  # (B, CK, T_long + T)
-            mem_shrinkage = torch.cat([long.shrinkage, work.shrinkage], -1)  # (B, 1, T_long + T)
+            mem_key = torch.cat([long.key, work.key], -1).float()  # (B, CK, T_long + T)
+            mem_shrinkage = torch.cat([long.shrinkage, work.shrinkage], -1).float()
             similarity = get_similarity(mem_key, mem_shrinkage, query_key, query_selection)
             affinity = do_softmax(similarity, top_k)
             usage = affinity.sum(dim=2)  # (B, T_long + T)
@@ -232,7 +241,9 @@ class MemoryManager:
             if self.count_long_term_usage:
                 self.long.update_usage(bucket_id, usage[:, :long_size])
             return affinity
-        similarity = get_similarity(work.key, work.shrinkage, query_key, query_selection)
+        similarity = get_similarity(
+            work.key.float(), work.shrinkage.float(), query_key, query_selection
+        )
         affinity = do_softmax(similarity, top_k)
         if self.use_long_term:
             self.work.update_usage(bucket_id, affinity.sum(dim=2))
@@ -270,7 +281,8 @@ class MemoryManager:
                 sensory = self.get_sensory(objects)  # (B, n, C, h, w)
                 mask = last_mask[:, [object_ids.index(obj) for obj in objects]]  # (B, n, H, W)
                 value = self._bucket_values(objects, bucket_id)  # (B, n, CV, T)
-                visual = read_values(affinity, value)  # (B, n, CV, HW)
+                with torch.autocast(affinity.device.type, enabled=False):
+                    visual = read_values(affinity, value.float())  # (B, n, CV, HW)
                 visual = visual.view(bs, len(objects), value.shape[2], h, w)  # (B, n, CV, h, w)
                 pixel_readout = network.pixel_fusion(pix_feat, visual, sensory, mask)
                 obj_mem = torch.stack([self.object_memory[obj] for obj in objects], dim=1)

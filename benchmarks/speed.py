@@ -1,0 +1,160 @@
+"""Speed of the models on a real 480p clip, beside this machine's own matrix throughput.
+
+For each model (s3-base, cutie-base, cutie-small with synthetic weights; lite with its real
+weights) on the bundled judo clip (854x480, 16 frames, looped), mem_every 5, long-term memory
+on: seconds per frame (median of steady frames; frames that only segment and frames that also
+memorise reported apart), GFLOP per frame (torch.utils.flop_counter), the best fp32/bf16 matmul
+throughput measured in the same run (torch.matmul and a oneDNN path, the higher taken), the
+fraction of the floor (GFLOP / throughput) reached, and peak RSS. A table on stderr, --json on
+stdout.
+
+    python benchmarks/speed.py [--models cutie-small lite] [--objects 1 3] [--frames 24]
+        [--precision fp32|bf16] [--threads 2] [--compile] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import median  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+JUDO = REPO / "examples" / "judo"
+
+
+def _best_time(fn, seconds: float = 1.0) -> float:
+    fn()
+    best = float("inf")
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def machine_gflops(dtype: torch.dtype) -> dict[str, float]:
+    """GFLOP/s of torch.matmul and of a oneDNN path (channels-last 1x1 convolution)."""
+    n = 1024
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    matmul = 2 * n**3 / _best_time(lambda: torch.matmul(a, b)) / 1e9
+    x = torch.randn(1, n, 32, 32, dtype=dtype).to(memory_format=torch.channels_last)
+    w = torch.randn(n, n, 1, 1, dtype=dtype)
+    conv = 2 * n * n * 32 * 32 / _best_time(lambda: torch.nn.functional.conv2d(x, w)) / 1e9
+    return {"matmul": round(matmul, 1), "onednn_conv1x1": round(conv, 1)}
+
+
+def load_frames() -> tuple[list[np.ndarray], dict[int, np.ndarray]]:
+    from PIL import Image
+
+    frames = [np.array(Image.open(p).convert("RGB")) for p in sorted(JUDO.glob("frames/*.jpg"))]
+    masks = {int(p.stem): np.array(Image.open(p)) for p in sorted(JUDO.glob("masks/*.png"))}
+    return frames, masks
+
+
+def first_mask(masks: dict[int, np.ndarray], objects: int) -> np.ndarray:
+    """Objects 1..n from the judo annotations placed into frame 0's mask."""
+    mask = masks[0].astype(np.int64).copy()
+    for obj, frame in ((2, 5), (3, 8), (4, 13))[: max(0, objects - 1)]:
+        mask[(masks[frame] == obj) & (mask == 0)] = obj
+    return mask
+
+
+def make_tracker(name: str, compile_: bool):
+    if name == "lite":
+        from s3cli.lite import LiteTracker, load_lite_model
+
+        return LiteTracker(load_lite_model("cpu"), max_internal_size=480, mem_every=5)
+    from s3cli.inference.engine import Tracker
+    from s3cli.model.registry import build_network
+
+    net = build_network(name, synthetic=True)
+    if compile_:
+        for stage in ("encode_image", "transform_key", "encode_mask", "segment"):
+            setattr(net, stage, torch.compile(getattr(net, stage)))
+    return Tracker(net, mem_every=5, use_long_term=True, max_internal_size=480)
+
+
+def bench(name: str, objects: int, n_frames: int, precision: str, compile_: bool) -> dict:
+    frames, masks = load_frames()
+    mask = first_mask(masks, objects)
+    tracker = make_tracker(name, compile_)
+    autocast = (
+        torch.autocast("cpu", dtype=torch.bfloat16)
+        if precision == "bf16"
+        else contextlib.nullcontext()
+    )
+    seg, mem = [], []
+    flops: dict[str, float] = {}
+    from torch.utils.flop_counter import FlopCounterMode
+
+    for t in range(n_frames):
+        img = frames[t % len(frames)]
+        counter = FlopCounterMode(display=False) if t in (1, 5) else contextlib.nullcontext()
+        start = time.perf_counter()
+        with autocast, counter:
+            tracker.step(img, mask if t == 0 else None, end=t == n_frames - 1)
+        elapsed = time.perf_counter() - start
+        if t in (1, 5):
+            flops["segment" if t == 1 else "segment+memorise"] = counter.get_total_flops() / 1e9
+            continue  # counting slows the frame down
+        if t >= 2:
+            (mem if t % 5 == 0 else seg).append(elapsed)
+    return {
+        "model": name,
+        "objects": objects,
+        "precision": precision,
+        "s_per_frame": round(median(seg), 3),
+        "s_per_memory_frame": round(median(mem), 3) if mem else None,
+        "gflop_per_frame": round(flops.get("segment", 0.0), 1),
+        "gflop_per_memory_frame": round(flops.get("segment+memorise", 0.0), 1),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--models", nargs="+", default=["s3-base", "cutie-base", "cutie-small", "lite"])
+    ap.add_argument("--objects", type=int, nargs="+", default=[1, 3])
+    ap.add_argument("--frames", type=int, default=17)
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+    peak = machine_gflops(dtype)
+    best = max(peak.values())
+    rows = []
+    for name in args.models:
+        for objects in args.objects:
+            r = bench(name, objects, args.frames, args.precision, args.compile)
+            floor = r["gflop_per_frame"] / best
+            r["floor_s"] = round(floor, 3)
+            r["fraction_of_floor"] = round(floor / r["s_per_frame"], 3) if r["s_per_frame"] else 0
+            rows.append(r)
+            print(
+                f"{name:12s} {objects} obj {args.precision}: {r['s_per_frame']:.3f} s/frame "
+                f"(memory frames {r['s_per_memory_frame']}), {r['gflop_per_frame']} GFLOP, "
+                f"floor {floor:.3f} s at {best:.0f} GFLOP/s -> {r['fraction_of_floor']:.0%}, "
+                f"peak RSS {r['peak_rss_mb']:.0f} MiB",
+                file=sys.stderr,
+            )
+    out = {"machine_gflops": peak, "threads": args.threads, "results": rows}
+    if args.json:
+        print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
