@@ -113,6 +113,7 @@ def _callbacks(progress):
     def sequence_end(res, pos: int, total: int) -> None:
         if progress is not None and "id" in task:
             progress.remove_task(task.pop("id"))
+            progress.refresh()
         where = f"{res.name} ({pos}/{total})"
         if res.resumed:
             err_console.print(f"skip {where}: done earlier", markup=False, emoji=False)

@@ -39,6 +39,9 @@ class OutputOptions:
     palette: bytes | None = None
     fps: float | None = None
     extra: dict = field(default_factory=dict)
+    only_frames: frozenset[str] | None = None
+    """Write results only for frames of these names (benchmarks that ask for some frames, such
+    as YouTube-VOS); ``None`` writes every frame."""
 
     @property
     def any(self) -> bool:
@@ -178,7 +181,10 @@ class ResultWriter:
         object_ids: list[int],
         prob: np.ndarray | None = None,
     ) -> None:
-        """One frame: ``index_mask`` (H, W) of object ids; ``prob`` (1 + N, H, W) float."""
+        """One frame: ``index_mask`` (H, W) of object ids; ``prob`` (1 + N, H, W) float.
+        A frame left out by ``only_frames`` is not written."""
+        if self.opt.only_frames is not None and name not in self.opt.only_frames:
+            return
         try:
             self._write(name, index, image, index_mask, object_ids, prob)
         except OSError as exc:
