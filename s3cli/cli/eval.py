@@ -58,7 +58,7 @@ def _summary_json(result: EvalResult, csv_path: Path | None) -> dict[str, Any]:
 
 
 def _print_report(result: EvalResult) -> None:
-    from s3cli.cli.score import _table  # the table of `s3 score`, shared
+    from s3cli.cli.score import score_table
 
     report = result.report
     assert report is not None
@@ -68,7 +68,7 @@ def _print_report(result: EvalResult) -> None:
     if not console.is_terminal:  # a pipe or a log gets the whole table
         longest = max((len(s.name) for s in report.sequences), default=8)
         console = Console(stderr=True, highlight=False, width=max(console.width, longest + 84))
-    console.print(_table(report))
+    console.print(score_table(report))
 
 
 def _run(options, callbacks_factory):

@@ -30,7 +30,7 @@ from s3cli.errors import OutputError
 if TYPE_CHECKING:
     from s3cli.eval.scoring import ScoreReport, Summary
 
-__all__ = ["score", "report_csv", "report_json", "write_text_atomic"]
+__all__ = ["score", "score_table", "report_csv", "report_json", "write_text_atomic"]
 
 CSV_NAME = "scores.csv"
 
@@ -120,7 +120,7 @@ def _fmt(value: float) -> str:
     return "-" if math.isnan(value) else f"{value:.3f}"
 
 
-def _table(report: ScoreReport) -> Table:
+def score_table(report: ScoreReport) -> Table:
     table = Table(title="DAVIS 2017 J&F (semi-supervised)", title_justify="left")
     table.add_column("Sequence", overflow="fold")
     table.add_column("Obj", justify="right")
@@ -210,7 +210,7 @@ def score(
     if not console.is_terminal:
         longest = max((len(s.name) for s in report.sequences), default=8)
         console = Console(stderr=True, highlight=False, width=max(console.width, longest + 84))
-    console.print(_table(report))
+    console.print(score_table(report))
     write_text_atomic(out_path, report_csv(report))
     err_console.print(f"wrote {out_path}", markup=False, emoji=False)
     if as_json:

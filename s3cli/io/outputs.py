@@ -12,7 +12,7 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 from typing import IO
@@ -38,7 +38,6 @@ class OutputOptions:
     scores_dir: Path | None = None
     palette: bytes | None = None
     fps: float | None = None
-    extra: dict = field(default_factory=dict)
     only_frames: frozenset[str] | None = None
     """Write results only for frames of these names (benchmarks that ask for some frames, such
     as YouTube-VOS); ``None`` writes every frame."""
