@@ -56,10 +56,12 @@ def version() -> None:
     typer.echo(__version__)
 
 
+from s3cli.cli.info import info  # noqa: E402
 from s3cli.cli.segment import segment  # noqa: E402
 from s3cli.cli.weights import weights_app  # noqa: E402
 
 app.command("segment")(segment)
+app.command("info")(info)
 
 app.add_typer(weights_app, name="weights")
 
@@ -70,6 +72,11 @@ app.command("score")(score)
 from s3cli.cli.eval import eval_command  # noqa: E402
 
 app.command("eval")(eval_command)
+
+
+from s3cli.cli.train import train  # noqa: E402
+
+app.command("train")(train)
 
 
 def main() -> None:
