@@ -1,0 +1,182 @@
+"""Evaluate the ``lite`` tracker on the seven davis16-mini sequences (not a test).
+
+For each sequence the first ground-truth mask is given, every frame is tracked at the default
+480p internal size, and J (region IoU) and F (boundary F-measure) are computed per frame with
+``s3cli.eval.metrics`` (DAVIS-exact), on every frame but the first and the last, as the official
+evaluation does. Prints per-sequence J, F, J&F and frames/s, and the seven-sequence means.
+
+``--variant NAME`` (repeatable) evaluates named option sets from :data:`VARIANTS` in one
+process; the backbone features are cached across variants (``--no-cache`` to switch that off),
+so timings are only meaningful for the first variant or with ``--no-cache``.
+
+Usage: ``python benchmarks/lite_davis.py [--root ../shared/data/davis16-mini] [--variant final]
+[--set key=value ...] [--frames N] [--json out.json]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from s3cli.eval.metrics import frame_scores, statistics
+from s3cli.lite import LiteFeatures, LiteModel, LiteTracker, load_lite_model
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_ROOT = REPO.parent / "shared" / "data" / "davis16-mini"
+SEQUENCES = (
+    "blackswan",
+    "car-shadow",
+    "motocross-jump",
+    "breakdance",
+    "bmx-trees",
+    "camel",
+    "soapbox",
+)
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    "default": {},
+}
+
+
+class CachedModel(LiteModel):
+    """A :class:`LiteModel` remembering features by frame, to compare variants quickly."""
+
+    def __init__(self, model: LiteModel) -> None:
+        super().__init__(model.trunk)
+        self.cache: dict[tuple[str, int], LiteFeatures] = {}
+        self.current: tuple[str, int] = ("", 0)
+
+    def features(self, images: torch.Tensor) -> LiteFeatures:  # type: ignore[override]
+        key = self.current
+        if key not in self.cache:
+            self.cache[key] = super().features(images)
+        return self.cache[key]
+
+
+def read_frames(
+    root: Path, seq: str, limit: int | None
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """RGB frames (H, W, 3) uint8 and ground-truth index masks (H, W) (255 -> 1)."""
+    jpgs = sorted((root / "JPEGImages" / "480p" / seq).glob("*.jpg"))
+    pngs = sorted((root / "Annotations" / "480p" / seq).glob("*.png"))
+    if limit:
+        jpgs, pngs = jpgs[:limit], pngs[:limit]
+    frames = [np.array(Image.open(p).convert("RGB")) for p in jpgs]
+    masks = []
+    for p in pngs:
+        m = np.array(Image.open(p))
+        if m.ndim == 3:
+            m = m[..., 0]
+        masks.append((m > 127).astype(np.uint8) if m.max() > 1 else m.astype(np.uint8))
+    return frames, masks
+
+
+def track_sequence(
+    model: LiteModel, frames: list[np.ndarray], first_mask: np.ndarray, options: dict[str, Any]
+) -> tuple[list[np.ndarray], float]:
+    """Index-mask predictions of every frame and the tracking time in seconds."""
+    tracker = LiteTracker(model, **options)
+    preds = []
+    start = time.perf_counter()
+    for i, frame in enumerate(frames):
+        if isinstance(model, CachedModel):
+            model.current = (model.current[0], i)
+        prob = tracker.step(frame, first_mask if i == 0 else None, end=i == len(frames) - 1)
+        preds.append(tracker.to_index_mask(prob).numpy().astype(np.uint8))
+    return preds, time.perf_counter() - start
+
+
+def score_sequence(preds: list[np.ndarray], gts: list[np.ndarray]) -> tuple[float, float]:
+    """J-Mean and F-Mean over the frames but the first and the last."""
+    js, fs = [], []
+    for pred, gt in zip(preds[1:-1], gts[1:-1], strict=True):
+        j, f = frame_scores(gt, pred, 1)
+        js.append(j[0])
+        fs.append(f[0])
+    return statistics(js).mean, statistics(fs).mean
+
+
+def evaluate(
+    model: LiteModel,
+    root: Path,
+    options: dict[str, Any],
+    limit: int | None,
+    sequences: tuple[str, ...] = SEQUENCES,
+    verbose: bool = True,
+) -> dict[str, Any]:
+    rows = {}
+    for seq in sequences:
+        frames, gts = read_frames(root, seq, limit)
+        if isinstance(model, CachedModel):
+            model.current = (seq, 0)
+        preds, seconds = track_sequence(model, frames, gts[0], options)
+        j, f = score_sequence(preds, gts)
+        rows[seq] = {"J": j, "F": f, "J&F": (j + f) / 2, "fps": len(frames) / seconds}
+        if verbose:
+            r = rows[seq]
+            print(
+                f"  {seq:15s} J {100 * j:5.1f}  F {100 * f:5.1f}  J&F {100 * r['J&F']:5.1f}"
+                f"  {r['fps']:5.2f} frames/s",
+                flush=True,
+            )
+    mean = {k: float(np.mean([r[k] for r in rows.values()])) for k in ("J", "F", "J&F")}
+    return {"sequences": rows, "mean": mean}
+
+
+def _parse_value(text: str) -> Any:
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    return text
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--root", type=Path, default=DEFAULT_ROOT)
+    parser.add_argument("--variant", action="append", default=None)
+    parser.add_argument("--set", action="append", default=[], help="option=value")
+    parser.add_argument("--frames", type=int, default=None, help="first N frames only")
+    parser.add_argument("--seq", action="append", default=None)
+    parser.add_argument("--no-cache", action="store_true")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+
+    extra = {}
+    for item in args.set:
+        name, _, value = item.partition("=")
+        extra[name] = _parse_value(value)
+    model: LiteModel = load_lite_model("cpu")
+    variants = args.variant or ["default"]
+    if len(variants) > 1 and not args.no_cache:
+        model = CachedModel(model)
+    sequences = tuple(args.seq) if args.seq else SEQUENCES
+    results = {}
+    for name in variants:
+        options = {**VARIANTS[name], **extra}
+        print(f"variant {name}: {options}", flush=True)
+        res = evaluate(model, args.root, options, args.frames, sequences)
+        m = res["mean"]
+        print(
+            f"  {'mean':15s} J {100 * m['J']:5.1f}  F {100 * m['F']:5.1f}"
+            f"  J&F {100 * m['J&F']:5.1f}",
+            flush=True,
+        )
+        results[name] = res
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    torch.set_grad_enabled(False)
+    main()

