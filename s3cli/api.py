@@ -6,6 +6,8 @@ callback, and prints the returned :class:`SegmentSummary`.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import resource
 import sys
@@ -20,7 +22,8 @@ import numpy as np
 from s3cli.errors import InputError
 from s3cli.io.masks import IndexMask, read_mask
 from s3cli.io.outputs import OutputOptions, ResultWriter
-from s3cli.io.video import Frame, open_source
+from s3cli.io.video import FolderSource, Frame, FrameSource, open_source
+from s3cli.keyframes import DIRECTIONS, Keyframe, keep_given, propagate
 
 __all__ = [
     "SegmentOptions",
@@ -54,6 +57,13 @@ class SegmentOptions:
     start: int = 0
     end: int | None = None
     outputs: OutputOptions = field(default_factory=OutputOptions)
+    direction: str = "forward"
+    """``forward`` (from the earliest mask on), ``backward`` (from the latest mask back),
+    ``both`` (both passes, fused between masks: every frame gets a mask), or ``auto``: ``both``
+    when the earliest mask is not on the first frame of the range, else ``forward`` (the CLI's
+    default). See :mod:`s3cli.keyframes`."""
+    spill_dir: Path | None = None
+    """Where the temporary spill of a backward pass goes (default: the system's temp folder)."""
 
 
 @dataclass
@@ -66,6 +76,7 @@ class SegmentSummary:
     peak_memory_mb: float
     object_ids: list[int]
     outputs: dict[str, str]
+    direction: str = "forward"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -146,10 +157,18 @@ def make_tracker(network: Any, model_name: str, options: SegmentOptions) -> Any:
 
 
 def _mask_for_dir(mask_dir: Path, frame: Frame) -> Path | None:
-    for cand in (frame.name, f"{frame.index:05d}", str(frame.index)):
+    return _mask_for_name(mask_dir, frame.name, frame.index)
+
+
+def _mask_for_name(
+    mask_dir: Path, name: str, index: int, listing: set[str] | None = None
+) -> Path | None:
+    """The mask of frame ``index`` named ``name`` in ``mask_dir`` (``listing``: the folder's
+    file names, to look up without touching the disk)."""
+    for cand in (name, f"{index:05d}", str(index)):
         for suffix in (".png", ".json"):
             p = mask_dir / f"{cand}{suffix}"
-            if p.is_file():
+            if (f"{cand}{suffix}" in listing) if listing is not None else p.is_file():
                 return p
     return None
 
@@ -169,14 +188,7 @@ def _fit_mask(mask: IndexMask, path: Path, size: tuple[int, int], resize: bool) 
     return IndexMask(arr, [int(v) for v in np.unique(arr) if v], mask.palette)
 
 
-def _keep_given(index: np.ndarray, mask: IndexMask) -> np.ndarray:
-    """On an annotated frame the given objects are exactly their given masks (the model works
-    at a lower internal resolution and would blur them)."""
-    index = index.copy()
-    index[np.isin(index, mask.ids)] = 0
-    given = mask.array > 0
-    index[given] = mask.array[given]
-    return index
+_keep_given = keep_given
 
 
 def _with_last(frames: Iterator[Frame]) -> Iterator[tuple[Frame, bool]]:
@@ -198,24 +210,42 @@ def segment_video(
 ) -> SegmentSummary:
     """Segment one video or frame folder; write the requested outputs atomically.
 
-    ``network``/``model_name`` reuse an already loaded model (batch runs).
+    ``network``/``model_name`` reuse an already loaded model (batch runs). With
+    ``options.direction`` ``backward``/``both`` (or ``auto`` resolving to ``both``) the frames
+    go through :func:`s3cli.keyframes.propagate`; ``on_frame`` then counts tracker steps of
+    both passes.
     """
     source = open_source(options.source)
     if options.mask is None and options.mask_dir is None:
         raise InputError(f"{options.source}: no first mask given (use --mask or --mask-dir)")
     if options.mask_dir is not None and not options.mask_dir.is_dir():
         raise InputError(f"{options.mask_dir}: no such mask folder")
+    if options.direction not in (*DIRECTIONS, "auto"):
+        raise InputError(
+            f"--direction {options.direction}: choose forward, backward, both or auto"
+        )
     first = read_mask(options.mask) if options.mask is not None else None
+    direction = options.direction
+    mask_files: dict[int, Path | None] = {}
+    if direction != "forward":
+        mask_files = _mask_files(options, source)
+        if direction == "auto":
+            earliest = min(mask_files, default=options.start)
+            direction = "forward" if earliest == options.start else "both"
     device = resolve_device(options.device)
     if network is None:
         network, model_name = load_tracking_model(options.model, options.weights, device)
     assert model_name is not None
-    tracker = make_tracker(network, model_name, options)
     outputs = options.outputs
     if outputs.palette is None and first is not None and first.palette is not None:
         outputs.palette = first.palette
     if outputs.fps is None:
         outputs.fps = source.fps
+    if direction != "forward":
+        return _segment_keyframes(
+            options, source, first, mask_files, direction, network, model_name, device, on_frame
+        )
+    tracker = make_tracker(network, model_name, options)
 
     autocast = _autocast(device, options.precision)
     start, end = options.start, options.end
@@ -270,7 +300,21 @@ def segment_video(
                 f"(mask frame {options.mask_frame}, range starts at {start})"
             )
     seconds = time.perf_counter() - t0
-    done = {
+    return SegmentSummary(
+        source=str(options.source),
+        model=model_name,
+        frames=frames,
+        seconds=round(seconds, 3),
+        fps=round(frames / seconds, 3) if seconds > 0 else 0.0,
+        peak_memory_mb=round(peak_memory_mb(), 1),
+        object_ids=list(tracker.object_ids),
+        outputs=_done_outputs(outputs),
+        direction="forward",
+    )
+
+
+def _done_outputs(outputs: OutputOptions) -> dict[str, str]:
+    return {
         k: str(v)
         for k, v in (
             ("masks", outputs.masks_dir),
@@ -280,6 +324,127 @@ def segment_video(
         )
         if v is not None
     }
+
+
+def _mask_files(options: SegmentOptions, source: FrameSource) -> dict[int, Path | None]:
+    """Frame index -> mask file of every frame of the range that has one, in frame order
+    (``None``: the ``--mask`` file, which wins over ``--mask-dir`` on its frame). Frames match
+    ``--mask-dir`` files as in the forward loop (:func:`_mask_for_dir`)."""
+    start, end = options.start, options.end
+    found: dict[int, Path | None] = {}
+    if options.mask_dir is not None:
+        try:
+            listing = {p.name for p in options.mask_dir.iterdir()}
+        except OSError as exc:
+            raise InputError(
+                f"{options.mask_dir}: cannot list the mask folder ({exc.strerror or exc})"
+            ) from exc
+        if isinstance(source, FolderSource):
+            n = len(source.files)
+            indices: list[int] = list(range(start, min(n, end) if end is not None else n))
+        else:  # frames are named 00000, 00001, ...: only numeric mask names can match
+            stems = {Path(name).stem for name in listing}
+            indices = sorted({int(s) for s in stems if s.isascii() and s.isdigit()})
+            indices = [i for i in indices if i >= start and (end is None or i < end)]
+        for i in indices:
+            path = _mask_for_name(options.mask_dir, source.frame_name(i), i, listing)
+            if path is not None:
+                found[i] = path
+    if options.mask is not None and options.mask_frame >= start and (
+        end is None or options.mask_frame < end
+    ):
+        found[options.mask_frame] = None
+    return dict(sorted(found.items()))
+
+
+def _load_keyframe(
+    path: Path, mask: IndexMask | None, resize: bool, size: tuple[int, int]
+) -> IndexMask:
+    if mask is None:
+        mask = read_mask(path, allow_empty=True)
+    return _fit_mask(mask, path, size, resize)
+
+
+def _keyframes(
+    options: SegmentOptions, first: IndexMask | None, files: dict[int, Path | None]
+) -> list[Keyframe]:
+    """The frames whose masks give objects; each mask is read once here for its ids, and again
+    when a pass reaches it."""
+    out: list[Keyframe] = []
+    for index, path in files.items():
+        if path is None:
+            assert first is not None and options.mask is not None
+            where, mask, keep = options.mask, first, first
+        else:
+            where, mask, keep = path, read_mask(path, allow_empty=True), None
+        if mask.ids:
+            load = functools.partial(_load_keyframe, where, keep, options.resize_mask)
+            out.append(Keyframe(index, tuple(mask.ids), load))
+    if not out:
+        given = options.mask or options.mask_dir
+        if files:
+            raise InputError(
+                f"{given}: every mask in the frame range is empty (give object pixels; 0 is "
+                "background)"
+            )
+        raise InputError(
+            f"{given}: no mask matched any processed frame "
+            f"(mask frame {options.mask_frame}, range starts at {options.start})"
+        )
+    return out
+
+
+def _segment_keyframes(
+    options: SegmentOptions,
+    source: FrameSource,
+    first: IndexMask | None,
+    mask_files: dict[int, Path | None],
+    direction: str,
+    network: Any,
+    model_name: str,
+    device: str,
+    on_frame: Callable[[int, int | None], None] | None,
+) -> SegmentSummary:
+    """``segment_video`` with a backward pass: :func:`s3cli.keyframes.propagate` yields the
+    frames in order, they are written as in the forward loop."""
+    keyframes = _keyframes(options, first, mask_files)
+    outputs = options.outputs
+    autocast = _autocast(device, options.precision)
+    frames = 0
+    object_ids: list[int] = []
+    t0 = time.perf_counter()
+    with ResultWriter(outputs) as writer:
+        results = propagate(
+            source,
+            keyframes,
+            lambda net: make_tracker(net, model_name, options),
+            direction=direction,
+            network=network,
+            start=options.start,
+            end=options.end,
+            spill_dir=options.spill_dir,
+            step_context=autocast,
+            on_step=on_frame,
+        )
+        with contextlib.closing(results):
+            for item in results:
+                writer.write(
+                    item.frame.name,
+                    item.frame.index,
+                    item.frame.image,
+                    item.index,
+                    item.object_ids,
+                    item.prob if outputs.scores_dir is not None else None,
+                )
+                object_ids.extend(o for o in item.object_ids if o not in object_ids)
+                frames += 1
+        if frames == 0:
+            raise InputError(
+                f"{options.source}: no frames in the range [{options.start}, {options.end})"
+            )
+    seconds = time.perf_counter() - t0
+    order = [o for kf in keyframes for o in kf.ids]
+    object_ids.sort(key=lambda o: order.index(o) if o in order else len(order))
     return SegmentSummary(
         source=str(options.source),
         model=model_name,
@@ -287,8 +452,9 @@ def segment_video(
         seconds=round(seconds, 3),
         fps=round(frames / seconds, 3) if seconds > 0 else 0.0,
         peak_memory_mb=round(peak_memory_mb(), 1),
-        object_ids=list(tracker.object_ids),
-        outputs=done,
+        object_ids=object_ids,
+        outputs=_done_outputs(outputs),
+        direction=direction,
     )
 
 

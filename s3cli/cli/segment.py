@@ -15,6 +15,7 @@ from s3cli.errors import InputError, S3Error
 __all__ = ["segment"]
 
 _MODELS = ("auto", "s3-base", "cutie-base", "cutie-small", "lite")
+_DIRECTIONS = ("auto", "forward", "backward", "both")
 
 
 def _read_list(spec: str) -> list[tuple[Path, Path | None]]:
@@ -85,6 +86,15 @@ def segment(
     flip: bool = typer.Option(False, "--flip", help="Flip test-time augmentation."),
     device: str = typer.Option("auto", "--device", help="auto|cpu|cuda|mps."),
     precision: str = typer.Option("fp32", "--precision", help="fp32|bf16|fp16."),
+    direction: str = typer.Option(
+        "auto", "--direction", help="forward|backward|both|auto. both: also segment before the "
+        "earliest mask (backward pass) and fuse forward and backward between masks; auto: both "
+        "when the earliest mask is not on the first frame, else forward."
+    ),
+    spill_dir: Path = typer.Option(
+        None, "--spill-dir", help="Folder for the temporary frames of a backward pass "
+        "(default: the system's temporary folder; removed when done)."
+    ),
     start: int = typer.Option(0, "--start", min=0, help="First frame to process."),
     end: int = typer.Option(None, "--end", min=1, help="Stop before this frame."),
     output: Path = typer.Option(
@@ -105,7 +115,12 @@ def segment(
     shard: str = typer.Option(None, "--shard", help="i/n: process every n-th input from i."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
 ) -> None:
-    """Segment the objects of a first mask through every frame of each input."""
+    """Segment the objects of a first mask through every frame of each input.
+
+    Masks on later frames (--mask-frame, --mask-dir) are keyframes: with --direction both
+    (the default when the earliest mask is not on the first frame) the frames before it are
+    segmented backward from it, and between two keyframes a forward and a backward pass are
+    fused, so every frame gets a mask."""
     from s3cli.api import SegmentOptions, load_tracking_model, resolve_device, segment_video
     from s3cli.io.outputs import OutputOptions
 
@@ -116,6 +131,8 @@ def segment(
         raise InputError("no input given (pass a video or a folder of frames, or --from-list)")
     if model not in _MODELS:
         raise InputError(f"--model {model}: choose one of {', '.join(_MODELS)}")
+    if direction not in _DIRECTIONS:
+        raise InputError(f"--direction {direction}: choose one of {', '.join(_DIRECTIONS)}")
     if not any((output, mp4, rle, save_scores)):
         raise InputError("nothing to write: use -o DIR, --mp4 FILE, --rle FILE or --save-scores")
     if (binary or overlay) and output is None:
@@ -162,6 +179,8 @@ def segment(
                 start=start,
                 end=end,
                 outputs=outputs,
+                direction=direction,
+                spill_dir=spill_dir,
             )
             if network is None:
                 network, name = load_tracking_model(model, weights, resolve_device(device))

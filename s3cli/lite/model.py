@@ -29,6 +29,8 @@ class LiteFeatures:
     f4: torch.Tensor  # (B, 24, H / 4, W / 4)
     f8: torch.Tensor  # (B, 40, H / 8, W / 8)
     f16: torch.Tensor  # (B, 112, H / 16, W / 16)
+    e8: torch.Tensor | None = None  # (B, 240, H / 8, W / 8) expansion of f8 (next block's)
+    e16: torch.Tensor | None = None  # (B, 672, H / 16, W / 16) expansion of f16
 
 
 class LiteModel(nn.Module):
@@ -51,10 +53,15 @@ class LiteModel(nn.Module):
         return next(iter(self.trunk.parameters())).device
 
     @torch.inference_mode()
-    def features(self, images: torch.Tensor) -> LiteFeatures:
-        """(B, 3, H, W) images in [0, 1], H and W multiples of 16 -> :class:`LiteFeatures`."""
+    def features(self, images: torch.Tensor, expanded: bool = False) -> LiteFeatures:
+        """(B, 3, H, W) images in [0, 1], H and W multiples of 16 -> :class:`LiteFeatures`
+        (with the wide expanded features too when ``expanded``)."""
         out = self.trunk(images)
-        return LiteFeatures(f4=out[4], f8=out[8], f16=out[16])
+        feats = LiteFeatures(f4=out[4], f8=out[8], f16=out[16])
+        if expanded:
+            feats.e8 = self.trunk.expansions["8"](out[8]).clamp_(0.0, 6.0)
+            feats.e16 = self.trunk.expansions["16"](out[16]).clamp_(0.0, 6.0)
+        return feats
 
     def forward(self, images: torch.Tensor) -> LiteFeatures:
         return self.features(images)
@@ -70,5 +77,5 @@ def load_lite_model(
     the expected weights.
     """
     net = load_efficientnet_lite(weights, "lite0")
-    trunk = fold_batchnorm(net, strides=(4, 8, 16))
+    trunk = fold_batchnorm(net, strides=(4, 8, 16), expanded=(8, 16))
     return LiteModel(trunk).to(device)

@@ -26,11 +26,11 @@ import torch.nn.functional as F
 __all__ = [
     "TileGrid",
     "active_tiles",
-    "aggregate_labels",
+    "pad_cells",
+    "propagate_labels",
     "query_tiles",
-    "tile_cells",
     "untile",
-    "windows",
+    "window_index",
 ]
 
 
@@ -81,38 +81,37 @@ def untile(x: torch.Tensor, grid: TileGrid) -> torch.Tensor:
     return y[:, : grid.height, : grid.width]
 
 
-def tile_cells(x: torch.Tensor, grid: TileGrid, reach: int) -> torch.Tensor:
-    """(H, W, D) cells -> (Ty + 2 reach, Tx + 2 reach, t, t, D) tiles, zero tiles around."""
+def pad_cells(x: torch.Tensor, grid: TileGrid, pad_tiles: int) -> torch.Tensor:
+    """(H, W, D) cells -> ((Ty + 2 P) t, (Tx + 2 P) t, D): whole tiles, with ``P`` tiles of
+    zeros on every side (outside cells have zero affinity and no label mass)."""
     t = grid.tile
-    d = x.shape[-1]
-    e = reach * t
-    out = x.new_zeros((grid.tiles_y + 2 * reach) * t, (grid.tiles_x + 2 * reach) * t, d)
+    e = pad_tiles * t
+    h, w = (grid.tiles_y + 2 * pad_tiles) * t, (grid.tiles_x + 2 * pad_tiles) * t
+    out = x.new_zeros(h, w, x.shape[-1])
     out[e : e + grid.height, e : e + grid.width] = x
-    ty, tx = grid.tiles_y + 2 * reach, grid.tiles_x + 2 * reach
-    return out.reshape(ty, t, tx, t, d).permute(0, 2, 1, 3, 4)  # (Ty', Tx', t, t, D)
+    return out
 
 
-def windows(
-    x: torch.Tensor, grid: TileGrid, reach: int, tiles: torch.Tensor | None = None
+def window_index(
+    grid: TileGrid, pad_tiles: int, reaches: Sequence[int], tiles: torch.Tensor
 ) -> torch.Tensor:
-    """(H, W, D) cells -> (A, R, D): for each of the A tiles (``tiles``: flat indices, default
-    all T), the cells of the tiles within ``reach`` of it, row by row.
-
-    Cells outside the grid are zeros: zero affinity for keys, no label mass for values.
-    """
+    """(A, R) flat indices, into M stacked frames of :func:`pad_cells` (``pad_tiles`` P), of
+    the window cells of each query tile in ``tiles``: in frame m the tiles within
+    ``reaches[m]`` of it. R is the sum over frames of ``(2 reach + 1)^2 t^2``."""
     t = grid.tile
-    d = x.shape[-1]
-    n = 2 * reach + 1
-    cells = tile_cells(x, grid, reach)  # (Ty', Tx', t, t, D)
-    if tiles is None:
-        tiles = torch.arange(grid.num_tiles, device=x.device)
+    width = (grid.tiles_x + 2 * pad_tiles) * t
+    frame_cells = (grid.tiles_y + 2 * pad_tiles) * t * width
+    device = tiles.device
+    rel = []
+    for m, reach in enumerate(reaches):
+        if reach > pad_tiles:
+            raise ValueError(f"reach {reach} exceeds the padding of {pad_tiles} tiles")
+        span = torch.arange(-reach * t, (reach + 1) * t, device=device)  # cell offsets
+        rel.append((m * frame_cells + span[:, None] * width + span[None, :]).flatten())
     ty = torch.div(tiles, grid.tiles_x, rounding_mode="floor")  # (A,)
     tx = tiles - ty * grid.tiles_x
-    offsets = torch.arange(n, device=x.device)
-    rows = (ty[:, None] + offsets[None, :])[:, :, None].expand(-1, n, n)  # (A, n, n)
-    cols = (tx[:, None] + offsets[None, :])[:, None, :].expand(-1, n, n)
-    out = cells[rows, cols]  # (A, n, n, t, t, D)
-    return out.reshape(tiles.shape[0], n * n * t * t, d)  # (A, R, D)
+    base = (ty + pad_tiles) * t * width + (tx + pad_tiles) * t  # top-left cell of the tile
+    return base[:, None] + torch.cat(rel)[None, :]  # (A, R)
 
 
 def active_tiles(value: torch.Tensor, grid: TileGrid, reach: int, eps: float) -> torch.Tensor:
@@ -128,67 +127,46 @@ def active_tiles(value: torch.Tensor, grid: TileGrid, reach: int, eps: float) ->
     return per_tile.flatten()
 
 
-def aggregate_labels(
+def propagate_labels(
     queries: torch.Tensor,
-    keys: Sequence[torch.Tensor],
-    values: Sequence[torch.Tensor],
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    index: torch.Tensor,
     top_k: int,
     temperature: float,
     valid: torch.Tensor | None = None,
+    frame_cells: int = 0,
 ) -> torch.Tensor:
-    """Soft labels (B, Q, K) of queries (B, Q, C) from M memory frames' keys (B, R_m, C) and
-    labels (B, R_m, K): the softmax(affinity / temperature)-weighted mean of the labels of the
-    ``top_k`` best matches over all frames together (``top_k`` 0: of all matches).
+    """Soft labels (A, Q, K) of query tiles (A, Q, C) from memory cells.
 
-    ``valid`` (M, K) bool says which label channels each memory frame knows (an object added
-    later is unknown in older frames); each channel is then averaged over the matches that know
-    it. The result sums to 1 over K (background where no label mass was found at all).
+    ``keys`` (N, C) and ``values`` (N, K) are the stacked memory cells, ``index`` (A, R) the
+    cells each query tile may match (its windows). Each query takes the softmax(affinity /
+    temperature)-weighted mean of the labels of its ``top_k`` best matches (``top_k`` 0: of
+    all R). ``valid`` (M, K) bool says which label channels each memory frame knows (an object
+    added later is unknown in older frames; frame m holds cells ``m * frame_cells`` onwards);
+    each channel is then averaged over the matches that know it. The result sums to 1 over K
+    (background where no label mass was found at all).
     """
-    partial = valid is not None and not bool(valid.all())
-    if top_k > 0:
-        tops, picks, knowns = [], [], []
-        for i, (key, val) in enumerate(zip(keys, values, strict=True)):
-            aff = torch.bmm(queries, key.transpose(1, 2))  # (B, Q, R)
-            b, q, r = aff.shape
-            k = min(top_k, r)
-            top, idx = torch.topk(aff, k, dim=-1, sorted=False)  # (B, Q, k)
-            kk = val.shape[-1]
-            flat = idx.reshape(b, q * k, 1).expand(b, q * k, kk)
-            picks.append(torch.gather(val, 1, flat).reshape(b, q, k, kk))  # (B, Q, k, K)
-            tops.append(top)
-            if partial:
-                assert valid is not None
-                knowns.append(valid[i].to(val.dtype).expand(b, q, k, kk))
-        top = torch.cat(tops, dim=-1) if len(tops) > 1 else tops[0]  # (B, Q, M k)
-        picked = torch.cat(picks, dim=2) if len(picks) > 1 else picks[0]  # (B, Q, M k, K)
-        known = (torch.cat(knowns, dim=2) if len(knowns) > 1 else knowns[0]) if partial else None
-        if top.shape[-1] > top_k:
-            top, idx = torch.topk(top, top_k, dim=-1, sorted=False)  # (B, Q, k)
-            sel = idx[..., None].expand(*idx.shape, picked.shape[-1])
-            picked = torch.gather(picked, 2, sel)
-            known = torch.gather(known, 2, sel) if known is not None else None
-        weights = torch.softmax(top / temperature, dim=-1)  # (B, Q, k)
-        num = torch.einsum("bqn,bqnk->bqk", weights, picked)  # (B, Q, K)
-        if known is not None:
-            num = torch.einsum("bqn,bqnk->bqk", weights, picked * known)
-            num = num / torch.einsum("bqn,bqnk->bqk", weights, known).clamp_min(1e-6)
+    a, q, _ = queries.shape
+    r = index.shape[1]
+    kk = values.shape[-1]
+    window_keys = keys.index_select(0, index.flatten()).reshape(a, r, -1)  # (A, R, C)
+    affinity = torch.bmm(queries, window_keys.transpose(1, 2))  # (A, Q, R)
+    if 0 < top_k < r:
+        top, pos = torch.topk(affinity, top_k, dim=-1, sorted=False)  # (A, Q, k)
+        cells = torch.gather(index, 1, pos.reshape(a, q * top_k))  # (A, Q k)
     else:
-        affs = [torch.bmm(queries, key.transpose(1, 2)) for key in keys]  # (B, Q, R_m)
-        top = torch.stack([a.amax(dim=-1) for a in affs]).amax(dim=0, keepdim=True)[0]
-        num = den = None
-        for i, (aff, val) in enumerate(zip(affs, values, strict=True)):
-            w = torch.exp((aff - top[..., None]) / temperature)  # (B, Q, R)
-            mass = w.sum(dim=-1, keepdim=True)  # (B, Q, 1)
-            if partial:
-                assert valid is not None
-                val = val * valid[i].to(val.dtype)
-                mass = mass * valid[i].to(mass.dtype)  # (B, Q, K)
-            part = torch.bmm(w, val)  # (B, Q, K)
-            num = part if num is None else num + part
-            den = mass if den is None else den + mass
-        assert num is not None and den is not None
-        num = num / den.clamp_min(1e-12)
-    total = num.sum(dim=-1, keepdim=True)  # (B, Q, 1)
+        top, cells = affinity, index[:, None, :].expand(a, q, r).reshape(a, -1)
+    n = top.shape[-1]
+    weights = torch.softmax(top / temperature, dim=-1)  # (A, Q, n)
+    picked = values.index_select(0, cells.flatten()).reshape(a, q, n, kk)  # (A, Q, n, K)
+    num = torch.einsum("aqn,aqnk->aqk", weights, picked)  # (A, Q, K)
+    if valid is not None and not bool(valid.all()):
+        known = valid.to(values.dtype)[torch.div(cells, frame_cells, rounding_mode="floor")]
+        known = known.reshape(a, q, n, kk)  # (A, Q, n, K)
+        num = torch.einsum("aqn,aqnk->aqk", weights, picked * known)
+        num = num / torch.einsum("aqn,aqnk->aqk", weights, known).clamp_min(1e-6)
+    total = num.sum(dim=-1, keepdim=True)  # (A, Q, 1)
     out = num / total.clamp_min(1e-6)
     out[..., :1] = torch.where(total <= 1e-6, torch.ones_like(total), out[..., :1])
     return out

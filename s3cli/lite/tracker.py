@@ -45,10 +45,11 @@ from s3cli.lite.model import LiteFeatures, LiteModel
 from s3cli.lite.propagation import (
     TileGrid,
     active_tiles,
-    aggregate_labels,
+    pad_cells,
+    propagate_labels,
     query_tiles,
     untile,
-    windows,
+    window_index,
 )
 
 __all__ = ["LiteOptions", "LiteState", "LiteTracker", "MemoryFrame"]
@@ -89,10 +90,14 @@ class LiteOptions:
     f16_weight: float = 1.0
     key_dim: int = 0
     sharpen: float = 1.0
+    features: str = "projected"
+    center: bool = False
     active_eps: float = 0.01
     target_weight: float = 0.0
     target_ridge: float = 0.1
     target_temperature: float = 0.1
+    long_weight: float = 0.0
+    joint_temperature: float = 0.0
     refine_radius: int = 0
     refine_eps: float = 1e-3
 
@@ -120,8 +125,8 @@ class MemoryFrame:
 
     index: int  # frame index in the video
     permanent: bool  # an annotated frame
-    key: torch.Tensor  # (h, w, C) unit-norm keys
-    value: torch.Tensor  # (h, w, K) soft labels, channel 0 background
+    key: torch.Tensor  # (h', w', C) unit-norm keys, zero-padded by whole tiles
+    value: torch.Tensor  # (h', w', K) soft labels (channel 0 background), zero-padded
     valid: torch.Tensor  # (K,) bool: which channels this frame knows
     reach: int  # window reach (tiles) when this frame is matched
 
@@ -143,6 +148,7 @@ class LiteState:
     input_size: tuple[int, int] | None = None
     grid: TileGrid | None = None
     basis: torch.Tensor | None = None  # (C, key_dim) key projection
+    means: tuple[torch.Tensor, torch.Tensor] | None = None  # per-video feature means
     target: torch.Tensor | None = None  # (C + 1, K) linear target model
 
     def frames(self) -> list[MemoryFrame]:
@@ -152,6 +158,26 @@ class LiteState:
             if all(m.index != o.index for o in out):
                 out.append(m)
         return out
+
+
+def joint_upsample(prob8: torch.Tensor, f4: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Labels (K, h, w) -> (K, 2h, 2w): every stride-4 cell takes the labels of the 3x3
+    stride-8 cells around its parent, weighted by softmax(cosine(f4 of the cell, mean f4 of
+    each of those cells) / temperature): edges follow the stride-4 features."""
+    k, h, w = prob8.shape
+    c = f4.shape[0]
+    fine = F.normalize(f4, dim=0)  # (C4, 2h, 2w)
+    coarse = F.normalize(F.avg_pool2d(f4[None], 2)[0], dim=0)  # (C4, h, w)
+    # 3x3 neighbourhoods of every stride-8 cell, repeated for its 2x2 children.
+    near = F.unfold(coarse[None], 3, padding=1).reshape(1, c * 9, h, w)
+    near = F.interpolate(near, scale_factor=2, mode="nearest")[0].reshape(c, 9, 2 * h, 2 * w)
+    labels = F.unfold(prob8[None], 3, padding=1).reshape(1, k * 9, h, w)
+    labels = F.interpolate(labels, scale_factor=2, mode="nearest")[0].reshape(k, 9, 2 * h, 2 * w)
+    sim = (near * fine[:, None]).sum(dim=0)  # (9, 2h, 2w)
+    # Neighbours outside the frame (zero features) get no weight.
+    sim = sim.masked_fill(near.abs().sum(dim=0) == 0, float("-inf"))
+    weights = torch.softmax(sim / temperature, dim=0)  # (9, 2h, 2w)
+    return (labels * weights[None]).sum(dim=1)  # (K, 2h, 2w)
 
 
 def _box(x: torch.Tensor, radius: int) -> torch.Tensor:
@@ -213,39 +239,62 @@ class LiteTracker:
 
     # ------------------------------------------------------------------ features
     def _keys(self, feats: LiteFeatures) -> torch.Tensor:
-        """Unit-norm keys (h, w, C) on the stride-8 grid: normalised stride-8 features and
-        normalised, bilinearly upsampled stride-16 features, concatenated."""
-        f8 = feats.f8.float()  # (1, 40, h, w)
-        f16 = feats.f16.float()  # (1, 112, h / 2, w / 2)
-        up = F.interpolate(f16, size=f8.shape[-2:], mode="bilinear", align_corners=False)
-        w = self.config.f16_weight
-        key = torch.cat([F.normalize(f8, dim=1), F.normalize(up, dim=1) * w], dim=1)
-        key = key[0].permute(1, 2, 0) / math.sqrt(1 + w * w)  # (h, w, C)
+        """Unit-norm keys (h, w, C) on the stride-8 grid: stride-8 features and bilinearly
+        upsampled stride-16 features, each centred (optionally) and normalised, concatenated,
+        and optionally projected onto the first frame's principal directions."""
+        cfg = self.config
         state = self.state
-        if self.config.key_dim > 0:
+        if cfg.features == "expanded":
+            assert feats.e8 is not None and feats.e16 is not None
+            a, b = feats.e8.float(), feats.e16.float()  # (1, C8, h, w), (1, C16, h/2, w/2)
+        else:
+            a, b = feats.f8.float(), feats.f16.float()
+        if cfg.center:
+            if state.means is None:
+                state.means = (a.mean(dim=(2, 3), keepdim=True), b.mean(dim=(2, 3), keepdim=True))
+            a = a - state.means[0]
+            b = b - state.means[1]
+        up = F.interpolate(b, size=a.shape[-2:], mode="bilinear", align_corners=False)
+        w = cfg.f16_weight
+        key = torch.cat([F.normalize(a, dim=1), F.normalize(up, dim=1) * w], dim=1)
+        key = key[0].permute(1, 2, 0) / math.sqrt(1 + w * w)  # (h, w, C)
+        if cfg.key_dim > 0:
             if state.basis is None:
                 flat = key.reshape(-1, key.shape[-1])  # (N, C)
                 _, vectors = torch.linalg.eigh(flat.t() @ flat)  # ascending eigenvalues
-                state.basis = vectors[:, -self.config.key_dim :].flip(1).contiguous()
+                state.basis = vectors[:, -cfg.key_dim :].flip(1).contiguous()
             key = F.normalize(key @ state.basis, dim=-1)
         return key.contiguous()
 
     # ------------------------------------------------------------------ memory
+    @property
+    def _pad_tiles(self) -> int:
+        return max(self.config.reach, self.config.permanent_reach)
+
+    def _interior(self, x: torch.Tensor) -> torch.Tensor:
+        """The grid part (h, w, D) of a padded memory tensor."""
+        grid = self.state.grid
+        assert grid is not None
+        e = self._pad_tiles * grid.tile
+        return x[e : e + grid.height, e : e + grid.width]
+
     def _memorise(self, key: torch.Tensor, value: torch.Tensor, permanent: bool) -> None:
         """Add the current frame with soft labels ``value`` (h, w, K); evict beyond bounds."""
         state = self.state
         cfg = self.config
+        grid = state.grid
+        assert grid is not None
         frame = MemoryFrame(
             index=state.frame_index,
             permanent=permanent,
-            key=key,
-            value=value.contiguous(),
+            key=pad_cells(key, grid, self._pad_tiles),
+            value=pad_cells(value, grid, self._pad_tiles),
             valid=torch.ones(value.shape[-1], dtype=torch.bool, device=value.device),
             reach=cfg.permanent_reach if permanent else cfg.reach,
         )
         if permanent:
             if cfg.target_weight > 0:
-                state.target = self._fit_target(key, frame.value)
+                state.target = self._fit_target(key, value)
             state.permanent.append(frame)
             if len(state.permanent) > cfg.max_permanent:
                 del state.permanent[1]  # keep the first annotated frame and the newest ones
@@ -264,8 +313,7 @@ class LiteTracker:
     def _add_channels(self, count: int) -> None:
         """New objects: every memory frame gets ``count`` unknown (invalid) channels."""
         for m in self.state.frames():
-            h, w, _ = m.value.shape
-            value = torch.cat([m.value, m.value.new_zeros(h, w, count)], dim=-1)
+            value = torch.cat([m.value, m.value.new_zeros(*m.value.shape[:2], count)], dim=-1)
             valid = torch.cat([m.valid, m.valid.new_zeros(count)])
             if bool(valid[0]):
                 # Background meant "none of the objects known then": unknown from now on.
@@ -305,7 +353,7 @@ class LiteTracker:
         # Only tiles that some memory frame can give an object to need matching: elsewhere
         # every candidate is background.
         active = torch.stack(
-            [active_tiles(m.value, grid, m.reach, cfg.active_eps) for m in memory]
+            [active_tiles(self._interior(m.value), grid, m.reach, cfg.active_eps) for m in memory]
         ).any(dim=0)  # (T,)
         k = memory[0].value.shape[-1]
         labels = key.new_zeros(grid.num_tiles, grid.tile * grid.tile, k)  # (T, Q, K)
@@ -313,13 +361,39 @@ class LiteTracker:
         tiles = active.nonzero()[:, 0]  # (A,)
         if tiles.numel() > 0:
             queries = query_tiles(key, grid)[tiles]  # (A, Q, C)
-            keys = [windows(m.key, grid, m.reach, tiles) for m in memory]  # (A, R, C)
-            values = [windows(m.value, grid, m.reach, tiles) for m in memory]  # (A, R, K)
-            valid = torch.stack([m.valid for m in memory])  # (M, K)
-            labels[tiles] = aggregate_labels(
-                queries, keys, values, cfg.top_k, cfg.temperature, valid
-            )
+            pools = [memory]
+            if cfg.long_weight > 0:
+                long = [m for m in memory if m.permanent]
+                short = [m for m in memory if not m.permanent]
+                pools = [p for p in (short, long) if p]
+            results = [self._match(queries, tiles, pool) for pool in pools]
+            if len(results) == 2:
+                w = cfg.long_weight
+                results = [(1 - w) * results[0] + w * results[1]]
+            labels[tiles] = results[0]
         return untile(labels, grid)  # (K, h, w)
+
+    def _match(
+        self, queries: torch.Tensor, tiles: torch.Tensor, memory: list[MemoryFrame]
+    ) -> torch.Tensor:
+        """Labels (A, Q, K) of query tiles (A, Q, C) at ``tiles`` from ``memory``."""
+        cfg = self.config
+        grid = self.state.grid
+        assert grid is not None
+        keys = torch.cat([m.key.flatten(0, 1) for m in memory])  # (M h' w', C)
+        values = torch.cat([m.value.flatten(0, 1) for m in memory])  # (M h' w', K)
+        index = window_index(grid, self._pad_tiles, [m.reach for m in memory], tiles)
+        valid = torch.stack([m.valid for m in memory])  # (M, K)
+        return propagate_labels(
+            queries,
+            keys,
+            values,
+            index,
+            cfg.top_k,
+            cfg.temperature,
+            valid,
+            frame_cells=memory[0].key.shape[0] * memory[0].key.shape[1],
+        )
 
     # ------------------------------------------------------------------ masks
     def _prepare_mask(
@@ -409,7 +483,8 @@ class LiteTracker:
         if state.grid is None:
             state.grid = TileGrid(hp // STRIDE, wp // STRIDE, cfg.tile)
 
-        key = self._keys(self.model.features(img[None]))  # (h, w, C)
+        feats = self.model.features(img[None], expanded=cfg.features == "expanded")
+        key = self._keys(feats)  # (h, w, C)
         need_propagation = bool(tracked) and (mask_t is None or not set(tracked) <= set(given))
         prob8 = self._propagate(key) if need_propagation else None  # (K, h, w)
         if prob8 is not None and state.target is not None and cfg.target_weight > 0:
@@ -434,7 +509,11 @@ class LiteTracker:
                 self._memorise(key, value.permute(1, 2, 0), permanent=True)
         else:
             assert prob8 is not None
-            prob = self._upsample(prob8, (hp, wp))
+            if cfg.joint_temperature > 0:
+                prob4 = joint_upsample(prob8, feats.f4[0].float(), cfg.joint_temperature)
+                prob = self._upsample(prob4, (hp, wp))
+            else:
+                prob = self._upsample(prob8, (hp, wp))
             if cfg.refine_radius > 0:
                 prob = guided_filter(img.mean(dim=0), prob, cfg.refine_radius, cfg.refine_eps)
             if not end:
@@ -473,7 +552,8 @@ class LiteTracker:
             if not bool(valid[0]) and bool(valid[1:].all()):
                 # Background is known again: it is what no remaining object covers.
                 valid[0] = True
-                value[..., 0] = (1 - value[..., 1:].sum(dim=-1)).clamp_min(0)
+                inside = self._interior(value)
+                inside[..., 0] = (1 - inside[..., 1:].sum(dim=-1)).clamp_min(0)
             m.set_channels(value, valid)
 
     def to_index_mask(self, prob: torch.Tensor) -> torch.Tensor:

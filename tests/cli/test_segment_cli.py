@@ -122,10 +122,19 @@ def test_video_file_with_rle_mask(ckpt: Path, tmp_path: Path) -> None:
 def test_frame_range_and_mask_frame(ckpt: Path, tmp_path: Path) -> None:
     out = tmp_path / "r"
     result = _seg(ckpt, JUDO / "frames", "--mask", JUDO / "masks" / "00005.png",
-                  "--mask-frame", "5", "--start", "3", "--end", "9", "-o", out)
+                  "--mask-frame", "5", "--start", "3", "--end", "9", "-o", out,
+                  "--direction", "forward")
     assert result.exit_code == 0, result.output
     assert sorted(p.stem for p in out.glob("*.png")) == [f"{i:05d}" for i in range(3, 9)]
     assert not _png(out / "00004.png").any() and (_png(out / "00005.png") == 2).any()
+    # The default (auto) segments the frames before the mask too, by a backward pass.
+    both = tmp_path / "b"
+    result = _seg(ckpt, JUDO / "frames", "--mask", JUDO / "masks" / "00005.png",
+                  "--mask-frame", "5", "--start", "3", "--end", "9", "-o", both, "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["direction"] == "both"
+    assert _png(both / "00004.png").any()
+    assert (_png(both / "00005.png") == _png(out / "00005.png")).all()
 
 
 def test_batch_with_shards_and_skip_done(ckpt: Path, tmp_path: Path) -> None:

@@ -10,7 +10,14 @@ import torch
 from PIL import Image
 
 from s3cli.lite import LiteModel, LiteOptions, LiteTracker, load_lite_model
-from s3cli.lite.propagation import TileGrid, aggregate_labels, query_tiles, untile, windows
+from s3cli.lite.propagation import (
+    TileGrid,
+    pad_cells,
+    propagate_labels,
+    query_tiles,
+    untile,
+    window_index,
+)
 from tests.conftest import SHARED, require_shared
 
 JUDO_IMAGES = SHARED / "examples" / "images" / "judo"
@@ -153,41 +160,50 @@ def test_memory_is_bounded(model: LiteModel) -> None:
     assert state.permanent[0].index == 0  # the first annotation is never dropped
 
 
-def test_windows_match_brute_force() -> None:
-    torch.manual_seed(0)
-    h, w, c, t, reach = 11, 13, 5, 4, 1
+def test_window_index_matches_brute_force() -> None:
+    h, w, t, pad = 11, 13, 4, 2
     grid = TileGrid(h, w, t)
-    x = torch.randn(h, w, c)
-    win = windows(x, grid, reach)  # (T, R, C)
-    n = 2 * reach + 1
-    for tile in range(grid.num_tiles):
+    cells = torch.arange(1, h * w + 1, dtype=torch.float32).reshape(h, w, 1)
+    padded = pad_cells(cells, grid, pad)  # zero outside the grid
+    stacked = torch.cat([padded.flatten(0, 1), 100 * padded.flatten(0, 1)])  # two frames
+    tiles = torch.arange(grid.num_tiles)
+    index = window_index(grid, pad, [1, 2], tiles)  # frame 0 reach 1, frame 1 reach 2
+    assert index.shape == (grid.num_tiles, 9 * t * t + 25 * t * t)
+    for tile in tiles.tolist():
         ty, tx = divmod(tile, grid.tiles_x)
-        ref = torch.zeros(n * t, n * t, c)
-        for yy in range(n * t):
-            for xx in range(n * t):
-                y, x_ = (ty - reach) * t + yy, (tx - reach) * t + xx
-                if 0 <= y < h and 0 <= x_ < w:
-                    ref[yy, xx] = x[y, x_]
-        got = win[tile].reshape(n, n, t, t, c).permute(0, 2, 1, 3, 4).reshape(n * t, n * t, c)
-        torch.testing.assert_close(got, ref)
-    assert torch.equal(windows(x, grid, reach, torch.tensor([4, 1])), win[[4, 1]])
-    back = untile(query_tiles(x, grid).reshape(grid.num_tiles, t * t, c), grid)
-    torch.testing.assert_close(back.permute(1, 2, 0), x)
+        got = stacked[index[tile], 0]
+        for frame, reach, scale in ((0, 1, 1), (1, 2, 100)):
+            ys = range((ty - reach) * t, (ty + reach + 1) * t)
+            xs = range((tx - reach) * t, (tx + reach + 1) * t)
+            ref = sorted(
+                scale * (y * w + x + 1) if 0 <= y < h and 0 <= x < w else 0 for y in ys for x in xs
+            )
+            part = got[: 9 * t * t] if frame == 0 else got[9 * t * t :]
+            assert sorted(part.tolist()) == ref, (tile, frame)
+    back = untile(query_tiles(cells, grid), grid)
+    torch.testing.assert_close(back.permute(1, 2, 0), cells)
+    with pytest.raises(ValueError, match="exceeds the padding"):
+        window_index(grid, 1, [2], tiles)
 
 
-def test_aggregation_top_k_and_validity() -> None:
-    q = torch.tensor([[[1.0, 0.0]]])  # (B=1, Q=1, C=2)
-    keys = [torch.tensor([[[1.0, 0.0], [0.0, 1.0]]]), torch.tensor([[[0.9, 0.1]]])]
-    values = [torch.tensor([[[0.0, 1.0], [1.0, 0.0]]]), torch.tensor([[[1.0, 0.0]]])]
+def test_propagation_top_k_and_validity() -> None:
+    queries = torch.tensor([[[1.0, 0.0]]])  # (A=1, Q=1, C=2)
+    keys = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.9, 0.1], [0.0, 0.0]])  # 2 frames x 2 cells
+    values = torch.tensor([[0.0, 1.0], [1.0, 0.0], [1.0, 0.0], [1.0, 0.0]])
+    index = torch.tensor([[0, 1, 2, 3]])
     # Top-1: the exact match, label 1.
-    out = aggregate_labels(q, keys, values, top_k=1, temperature=0.05)
+    out = propagate_labels(queries, keys, values, index, top_k=1, temperature=0.05)
     torch.testing.assert_close(out, torch.tensor([[[0.0, 1.0]]]))
-    # The second frame does not know either channel: only the first frame counts.
+    # Soft: the 0.9 match in frame 1 says background with weight exp(-2).
+    out = propagate_labels(queries, keys, values, index, top_k=2, temperature=0.05)
+    torch.testing.assert_close(out[0, 0, 0], torch.sigmoid(torch.tensor(-2.0)))
+    # Frame 1 knows no channel: only frame 0 counts.
     valid = torch.tensor([[True, True], [False, False]])
-    out = aggregate_labels(q, keys, values, top_k=3, temperature=0.05, valid=valid)
-    assert float(out[0, 0, 1]) > 0.99
-    soft = aggregate_labels(q, keys, values, top_k=0, temperature=0.05, valid=valid)
-    torch.testing.assert_close(soft, out, atol=1e-5, rtol=0)
+    for top_k in (3, 0):
+        out = propagate_labels(
+            queries, keys, values, index, top_k, 0.05, valid=valid, frame_cells=2
+        )
+        assert float(out[0, 0, 1]) > 0.99
 
 
 def test_no_state_in_the_model(model: LiteModel, judo) -> None:

@@ -259,9 +259,19 @@ class _FoldedBlock(nn.Module):
 
 class FoldedEfficientNetLite(nn.Module):
     """Frozen feature extractor: the stem and the blocks up to the deepest stride needed, batch
-    norms folded, in channels-last layout. ``forward`` returns ``{stride: features}``."""
+    norms folded, in channels-last layout. ``forward`` returns ``{stride: features}``.
 
-    def __init__(self, net: EfficientNetLite, strides: Sequence[int] = (8, 16)) -> None:
+    ``expansions[str(s)]`` is, for each stride ``s`` in ``expanded``, the folded 1x1 expansion
+    convolution of the block that follows the stride-``s`` output (ReLU6 to be applied): the
+    wide hidden features that block computes at stride ``s`` before it downsamples.
+    """
+
+    def __init__(
+        self,
+        net: EfficientNetLite,
+        strides: Sequence[int] = (8, 16),
+        expanded: Sequence[int] = (),
+    ) -> None:
         super().__init__()
         available = sorted({s.out_stride for s in net.specs})
         if not strides or any(s not in available for s in strides):
@@ -276,6 +286,13 @@ class FoldedEfficientNetLite(nn.Module):
         self.channels = {s: net.specs[last_of[s]].out_channels for s in self.strides}
         self.stem = _fold(net._conv_stem, net._bn0)
         self.blocks = nn.ModuleList(_FoldedBlock(b) for b in net._blocks[:depth])  # type: ignore[arg-type]
+        self.expansions = nn.ModuleDict()
+        for s in expanded:
+            if s not in self.strides or last_of[s] + 1 >= len(net.specs):
+                raise ValueError(f"no expansion follows the stride-{s} output")
+            nxt = net._blocks[last_of[s] + 1]
+            self.expansions[str(s)] = _fold(nxt._expand_conv, nxt._bn0)  # type: ignore[arg-type]
+            self.channels[-s] = nxt.spec.hidden  # type: ignore[union-attr]
         self.register_buffer("mean", torch.tensor(INPUT_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(INPUT_STD).view(1, 3, 1, 1), persistent=False)
         self.eval().requires_grad_(False)
@@ -298,10 +315,11 @@ class FoldedEfficientNetLite(nn.Module):
 
 
 def fold_batchnorm(
-    net: EfficientNetLite, strides: Sequence[int] = (8, 16)
+    net: EfficientNetLite, strides: Sequence[int] = (8, 16), expanded: Sequence[int] = ()
 ) -> FoldedEfficientNetLite:
-    """A frozen, batch-norm-folded feature extractor returning the features at ``strides``."""
-    return FoldedEfficientNetLite(net.eval(), strides)
+    """A frozen, batch-norm-folded feature extractor returning the features at ``strides``
+    (and able to expand those at ``expanded``)."""
+    return FoldedEfficientNetLite(net.eval(), strides, expanded)
 
 
 def default_weights_path(variant: LiteVariant | str = "lite0") -> Path:
