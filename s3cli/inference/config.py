@@ -86,6 +86,10 @@ class InferenceConfig:
     - ``max_internal_size``: shorter side limit for internal processing (-1: off); outputs are
       returned at the input size.
     - ``flip_aug``: average the prediction with that of the horizontally flipped frame.
+    - ``readout``: ``dense`` (default) multiplies memory values by the dense top-k affinity
+      as the official code does (in bounded blocks on long videos); ``sparse`` gathers only
+      the top-k values of each query: far fewer operations, the same result within float
+      rounding, but not the official order of sums (a near-tie may then decide otherwise).
     """
 
     mem_every: int = 5
@@ -97,6 +101,7 @@ class InferenceConfig:
     chunk_size: int = -1
     max_internal_size: int = -1
     flip_aug: bool = False
+    readout: str = "dense"
 
     def __post_init__(self) -> None:
         if not isinstance(self.long_term, LongTermConfig):
@@ -111,6 +116,8 @@ class InferenceConfig:
             raise ValueError(f"stagger_updates must be >= 1, got {self.stagger_updates}")
         if self.chunk_size == 0 or self.chunk_size < -1:
             raise ValueError(f"chunk_size must be -1 or >= 1, got {self.chunk_size}")
+        if self.readout not in ("sparse", "dense"):
+            raise ValueError(f"readout must be 'sparse' or 'dense', got {self.readout!r}")
         if self.max_internal_size == 0 or self.max_internal_size < -1:
             raise ValueError(f"max_internal_size must be -1 or >= 1, got {self.max_internal_size}")
 

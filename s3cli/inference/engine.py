@@ -18,6 +18,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from s3cli.inference.allocator import release_freed_memory
 from s3cli.inference.config import InferenceConfig
 from s3cli.inference.memory import MemoryManager
 from s3cli.inference.objects import (
@@ -250,6 +251,8 @@ class Tracker:
         )
         state.last_mem_index = state.frame_index
         memory.update_sensory(sensory, object_ids)
+        if self.device.type == "cpu":
+            release_freed_memory()  # keep resident memory bounded as memory sizes change
 
     def _prepare_mask(
         self,

@@ -20,15 +20,76 @@ __all__ = ["Bucket", "KeyValueStore", "MemorySlice", "Permanence"]
 Permanence = Literal["no", "first", "all"]
 
 
-def _cat(old: torch.Tensor | None, new: torch.Tensor, *, prepend: bool) -> torch.Tensor:
+BufferName = str | tuple[str, int]
+
+
+def _room(buffers: dict[BufferName, torch.Tensor], name: BufferName, x: torch.Tensor,
+          extra: int) -> torch.Tensor | None:
+    """The buffer ``x`` is a prefix of (along the last dimension), when it has room for
+    ``extra`` more entries; else None."""
+    base = buffers.get(name)
+    if base is None or base.data_ptr() != x.data_ptr() or base.stride() != x.stride():
+        return None
+    if base.shape[:-1] != x.shape[:-1] or base.shape[-1] < x.shape[-1] + extra:
+        return None
+    return base
+
+
+def _cat(
+    buffers: dict[BufferName, torch.Tensor],
+    name: BufferName,
+    old: torch.Tensor | None,
+    new: torch.Tensor,
+    *,
+    prepend: bool,
+    reserve: int = 0,
+) -> torch.Tensor:
+    """``old`` and ``new`` along the last dimension (``new`` first with ``prepend``).
+
+    Results are prefixes of buffers (``buffers[name]``) of at least ``reserve`` entries:
+    appending within the buffer writes in place instead of allocating and copying the whole
+    memory again.
+    """
+    n = 0 if old is None else old.shape[-1]
+    m = new.shape[-1]
+    base = _room(buffers, name, old, m) if old is not None else None
+    if base is not None and not prepend:
+        base[..., n : n + m] = new
+        return base[..., : n + m]
+    base = new.new_empty((*new.shape[:-1], max(n + m, reserve)))
+    buffers[name] = base
     if old is None:
-        return new
-    return torch.cat([new, old] if prepend else [old, new], dim=-1)
+        base[..., :m] = new
+    else:
+        first, second = (new, old) if prepend else (old, new)
+        base[..., : first.shape[-1]] = first
+        base[..., first.shape[-1] : n + m] = second
+    return base[..., : n + m]
 
 
-def _drop_range(x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-    """``x`` without last-dimension entries ``start:stop``."""
-    return torch.cat([x[..., :start], x[..., stop:]], dim=-1)
+def _drop_range(
+    buffers: dict[BufferName, torch.Tensor], name: BufferName, x: torch.Tensor, start: int,
+    stop: int
+) -> torch.Tensor:
+    """``x`` without last-dimension entries ``start:stop`` (in place within its buffer)."""
+    base = _room(buffers, name, x, 0)
+    if base is None:
+        return torch.cat([x[..., :start], x[..., stop:]], dim=-1)
+    kept = x.shape[-1] - (stop - start)
+    base[..., start:kept] = x[..., stop:].clone()
+    return base[..., :kept]
+
+
+def _keep(
+    buffers: dict[BufferName, torch.Tensor], name: BufferName, x: torch.Tensor,
+    picked: torch.Tensor
+) -> torch.Tensor:
+    """``picked`` (a selection of ``x``'s entries) stored in ``x``'s buffer where it has one."""
+    base = _room(buffers, name, x, 0)
+    if base is None or picked.shape[:-1] != x.shape[:-1]:
+        return picked
+    base[..., : picked.shape[-1]] = picked
+    return base[..., : picked.shape[-1]]
 
 
 @dataclass
@@ -43,6 +104,8 @@ class Bucket:
     selection: torch.Tensor | None = None  # (B, CK, T - perm_size)
     use_count: torch.Tensor | None = None  # (B, T - perm_size)
     life_count: torch.Tensor | None = None  # (B, T - perm_size)
+    buffers: dict[BufferName, torch.Tensor] = field(default_factory=dict, repr=False)
+    """The reserved buffers the tensors above are prefixes of (see ``KeyValueStore.reserve``)."""
 
     @property
     def size(self) -> int:
@@ -75,6 +138,9 @@ class KeyValueStore:
         self.save_selection = save_selection
         self.save_usage = save_usage
         self.buckets: dict[int, Bucket] = {}
+        self.reserve = 0
+        """Tokens to reserve per bucket buffer (the most the owner will keep): memory then
+        grows in place up to this size instead of being reallocated as it fills."""
         self._next_bucket_id = 0  # never reused, even after buckets are removed
 
     # ------------------------------------------------------------------ queries
@@ -168,23 +234,36 @@ class KeyValueStore:
             as_perm = permanence == "all" or (permanence == "first" and bucket.perm_size == 0)
             # A fresh bucket holds nothing yet: plain assignment keeps the incoming layout.
             fresh = bid in created
-            bucket.key = key if fresh else _cat(bucket.key, key, prepend=as_perm)
-            bucket.shrinkage = (
-                shrinkage if fresh else _cat(bucket.shrinkage, shrinkage, prepend=as_perm)
+            r, buf = self.reserve, bucket.buffers
+            bucket.key = _cat(
+                buf, "key", None if fresh else bucket.key, key, prepend=as_perm, reserve=r
+            )
+            bucket.shrinkage = _cat(
+                buf, "shrinkage", None if fresh else bucket.shrinkage, shrinkage,
+                prepend=as_perm, reserve=r,
             )
             for obj in bucket.object_ids:
                 if obj in values:
-                    bucket.values[obj] = _cat(bucket.values.get(obj), values[obj], prepend=as_perm)
+                    bucket.values[obj] = _cat(
+                        buf, ("value", obj), bucket.values.get(obj), values[obj],
+                        prepend=as_perm, reserve=r,
+                    )
             if as_perm:
                 bucket.perm_size += num_new
                 continue
             if self.save_selection:
-                bucket.selection = _cat(bucket.selection, selection, prepend=False)
+                bucket.selection = _cat(
+                    buf, "selection", bucket.selection, selection, prepend=False, reserve=r
+                )
             if self.save_usage:
                 count = torch.zeros((bs, num_new), device=key.device, dtype=torch.float32)
                 life = torch.zeros((bs, num_new), device=key.device, dtype=torch.float32) + 1e-7
-                bucket.use_count = _cat(bucket.use_count, count, prepend=False)
-                bucket.life_count = _cat(bucket.life_count, life, prepend=False)
+                bucket.use_count = _cat(
+                    buf, "use", bucket.use_count, count, prepend=False, reserve=r
+                )
+                bucket.life_count = _cat(
+                    buf, "life", bucket.life_count, life, prepend=False, reserve=r
+                )
 
     def update_usage(self, bucket_id: int, usage: torch.Tensor) -> None:
         """Add a read's usage (B, T) over all tokens; every temporary token ages by one read."""
@@ -225,14 +304,18 @@ class KeyValueStore:
             return
         p = bucket.perm_size
         stop = bucket.size if end == 0 else bucket.size + end
-        bucket.key = _drop_range(bucket.key, p + start, stop)
-        bucket.shrinkage = _drop_range(bucket.shrinkage, p + start, stop)
-        bucket.values = {obj: _drop_range(v, p + start, stop) for obj, v in bucket.values.items()}
+        buf = bucket.buffers
+        bucket.key = _drop_range(buf, "key", bucket.key, p + start, stop)
+        bucket.shrinkage = _drop_range(buf, "shrinkage", bucket.shrinkage, p + start, stop)
+        bucket.values = {
+            obj: _drop_range(buf, ("value", obj), v, p + start, stop)
+            for obj, v in bucket.values.items()
+        }
         if bucket.selection is not None:
-            bucket.selection = _drop_range(bucket.selection, start, stop - p)
+            bucket.selection = _drop_range(buf, "selection", bucket.selection, start, stop - p)
         if bucket.use_count is not None and bucket.life_count is not None:
-            bucket.use_count = _drop_range(bucket.use_count, start, stop - p)
-            bucket.life_count = _drop_range(bucket.life_count, start, stop - p)
+            bucket.use_count = _drop_range(buf, "use", bucket.use_count, start, stop - p)
+            bucket.life_count = _drop_range(buf, "life", bucket.life_count, start, stop - p)
 
     def remove_old(self, bucket_id: int, max_len: int) -> None:
         """First in, first out: keep at most the newest ``max_len`` temporary tokens."""
@@ -266,14 +349,19 @@ class KeyValueStore:
             # x: (B, T) -> (B, keep)
             return torch.stack([x[bi, survivors[bi]] for bi in range(bs)], dim=0)
 
-        bucket.key = pick(bucket.key)
-        bucket.shrinkage = pick(bucket.shrinkage)
+        buf = bucket.buffers
+        bucket.key = _keep(buf, "key", bucket.key, pick(bucket.key))
+        bucket.shrinkage = _keep(buf, "shrinkage", bucket.shrinkage, pick(bucket.shrinkage))
         if bucket.selection is not None:
-            bucket.selection = pick(bucket.selection)
-        bucket.values = {obj: pick(v) for obj, v in bucket.values.items()}
+            bucket.selection = _keep(buf, "selection", bucket.selection, pick(bucket.selection))
+        bucket.values = {
+            obj: _keep(buf, ("value", obj), v, pick(v)) for obj, v in bucket.values.items()
+        }
         if bucket.use_count is not None and bucket.life_count is not None:
-            bucket.use_count = pick_flat(bucket.use_count)
-            bucket.life_count = pick_flat(bucket.life_count)
+            bucket.use_count = _keep(buf, "use", bucket.use_count, pick_flat(bucket.use_count))
+            bucket.life_count = _keep(
+                buf, "life", bucket.life_count, pick_flat(bucket.life_count)
+            )
         return survivors
 
     def purge_except(self, keep_ids: list[int]) -> None:
@@ -283,6 +371,8 @@ class KeyValueStore:
             bucket = self.buckets[bucket_id]
             bucket.object_ids = [obj for obj in bucket.object_ids if obj in keep]
             bucket.values = {obj: v for obj, v in bucket.values.items() if obj in keep}
+            for name in [n for n in bucket.buffers if isinstance(n, tuple) and n[1] not in keep]:
+                del bucket.buffers[name]
             if not bucket.object_ids:
                 del self.buckets[bucket_id]
 

@@ -4,6 +4,11 @@ The readout follows the official ``MemoryManager`` (Cutie ``ec5cdd4``, S3 ``eedf
 compute identically) operation by operation: the fixtures contain near-ties in the top-k cut
 and in the prototype choice that a reordered computation could flip.
 
+Memory stays bounded on any length: the stores fill reserved buffers in place
+(``KeyValueStore.reserve``), the readout reads one [long-term | working] buffer per bucket that
+is refilled only when the memory changes, and long videos compute the memory-by-query affinity
+in blocks of at most ``READ_CHUNK_ELEMENTS`` (a whole block, as the official code, below that).
+
 Shapes: B batch (2 with flip augmentation), N objects, CK key channels (64), CV value channels
 (256), Q object-summary slots, T memory tokens, HW query tokens (stride-16 grid).
 """
@@ -11,7 +16,7 @@ Shapes: B batch (2 with flip augmentation), N objects, CK key channels (64), CV 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -32,7 +37,11 @@ __all__ = [
     "MemoryStats",
     "get_similarity",
     "do_softmax",
+    "dense_affinity",
+    "query_chunk",
+    "read_topk_values",
     "read_values",
+    "topk_affinity",
 ]
 
 
@@ -95,6 +104,82 @@ def read_values(affinity: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     return out.view(bs, num_objects, channels, -1)  # (B, N, C, HW)
 
 
+READ_CHUNK_ELEMENTS = 1 << 21
+"""Largest memory-by-query block (elements) the readout computes at once: its transient memory
+stays bounded whatever the number of memory tokens. Blocks at or under this size (every fixture
+run) are computed whole, exactly as the official code does."""
+
+
+def query_chunk(tokens: int, queries: int, chunk_elements: int = READ_CHUNK_ELEMENTS) -> int:
+    """Query columns per readout block: all of them when the block fits in ``chunk_elements``,
+    else a multiple of 64 (matrix kernels then give the columns the same sums as whole)."""
+    if tokens * queries <= chunk_elements:
+        return max(1, queries)
+    return max(64, chunk_elements // max(1, tokens) // 64 * 64)
+
+
+def topk_affinity(
+    mem_key: torch.Tensor,
+    mem_shrinkage: torch.Tensor | None,
+    query_key: torch.Tensor,
+    query_selection: torch.Tensor | None,
+    top_k: int,
+    step: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The non-zero part of ``do_softmax(get_similarity(...), top_k)``, as weights and indices.
+
+    mem_key: (B, CK, T); mem_shrinkage: (B, 1, T); query_key, query_selection: (B, CK, HW).
+    Returns ``weights`` (B, k, HW) and ``indices`` (B, k, HW) into the T memory tokens, with
+    ``k = min(top_k, T)``. The similarity is computed ``step`` query columns at a time
+    (default :func:`query_chunk`), so no (B, T, HW) tensor is made on long videos.
+    """
+    tokens, queries = mem_key.shape[-1], query_key.shape[-1]
+    k = min(top_k, tokens)
+    step = step or query_chunk(tokens, queries)
+    weights, indices = [], []
+    for q0 in range(0, queries, step):
+        q1 = min(queries, q0 + step)
+        sim = get_similarity(
+            mem_key,
+            mem_shrinkage,
+            query_key[..., q0:q1],
+            query_selection[..., q0:q1] if query_selection is not None else None,
+        )  # (B, T, q)
+        top, idx = torch.topk(sim, k=k, dim=1)  # (B, k, q)
+        del sim
+        top = top.exp_()  # no max subtraction, as the official code
+        top /= torch.sum(top, dim=1, keepdim=True)
+        weights.append(top)
+        indices.append(idx)
+    if len(weights) == 1:
+        return weights[0], indices[0]
+    return torch.cat(weights, dim=-1), torch.cat(indices, dim=-1)
+
+
+def dense_affinity(weights: torch.Tensor, indices: torch.Tensor, tokens: int) -> torch.Tensor:
+    """(B, k, q) top-k weights and indices -> the dense (B, T, q) affinity of ``do_softmax``."""
+    shape = (weights.shape[0], tokens, weights.shape[-1])
+    return weights.new_zeros(shape).scatter_(1, indices, weights)
+
+
+def read_topk_values(
+    weights: torch.Tensor, indices: torch.Tensor, value: torch.Tensor
+) -> torch.Tensor:
+    """``read_values`` of a top-k affinity given as ``weights``/``indices`` (B, k, HW), without
+    the dense (B, T, HW) matrix. value: (B, N, C, T) -> (B, N, C, HW)."""
+    bs, num_objects, channels, _ = value.shape
+    flat = value.reshape(bs, num_objects * channels, -1)  # (B, N C, T)
+    out = []
+    for b in range(bs):
+        acc: torch.Tensor | None = None
+        for j in range(weights.shape[1]):
+            term = flat[b].index_select(1, indices[b, j]) * weights[b, j]  # (N C, HW)
+            acc = term if acc is None else acc.add_(term)
+        assert acc is not None
+        out.append(acc)
+    return torch.stack(out).view(bs, num_objects, channels, -1)
+
+
 @dataclass(frozen=True)
 class ConsolidationEvent:
     """Working-memory tokens were compressed into long-term prototypes."""
@@ -138,6 +223,69 @@ class MemoryStats:
         return sum(b.work_size + b.long_size for b in self.buckets.values())
 
 
+@dataclass
+class _Affinity:
+    """A bucket's top-k memory-to-query affinity: weights and token indices (B, k, HW).
+
+    ``read`` with ``sparse`` gathers the k values of each query; otherwise it multiplies the
+    values by the dense (B, T, q) affinity block by block as the official code (whole when small).
+    """
+
+    weights: torch.Tensor  # (B, k, HW)
+    indices: torch.Tensor  # (B, k, HW)
+    tokens: int
+    step: int
+    sparse: bool
+
+    def blocks(self) -> Iterator[tuple[int, int, torch.Tensor]]:
+        """(q0, q1, dense (B, T, q1 - q0)) affinity blocks."""
+        queries = self.weights.shape[-1]
+        for q0 in range(0, queries, self.step):
+            q1 = min(queries, q0 + self.step)
+            w, i = self.weights[..., q0:q1], self.indices[..., q0:q1]
+            yield q0, q1, dense_affinity(w, i, self.tokens)
+
+    def usage(self) -> torch.Tensor:
+        """Per-token affinity mass (B, T): ``affinity.sum(dim=2)``."""
+        total: torch.Tensor | None = None
+        for _, _, block in self.blocks():
+            part = block.sum(dim=2)
+            total = part if total is None else total.add_(part)
+        assert total is not None
+        return total
+
+    def read(self, value: torch.Tensor) -> torch.Tensor:
+        """value: (B, N, CV, T) -> (B, N, CV, HW)."""
+        if self.sparse:
+            return read_topk_values(self.weights, self.indices, value)
+        queries = self.weights.shape[-1]
+        if self.step >= queries:
+            return read_values(dense_affinity(self.weights, self.indices, self.tokens), value)
+        out = value.new_empty((*value.shape[:3], queries))
+        for q0, q1, block in self.blocks():
+            out[..., q0:q1] = read_values(block, value)
+        return out
+
+
+@dataclass
+class _ReadoutMemory:
+    """One bucket's memory as the readout sees it: long-term then working tokens, in buffers
+    reserved for the most tokens the memory can hold, refilled only when the memory changes
+    (not concatenated anew every frame). The tensors handed out are views of the first T."""
+
+    key: torch.Tensor  # (B, CK, capacity)
+    shrinkage: torch.Tensor  # (B, 1, capacity)
+    values: torch.Tensor  # (B, N, CV, capacity), objects in bucket order
+    object_ids: list[int]
+    long_size: int = 0
+    size: int = 0
+    fresh: bool = False
+
+    @property
+    def capacity(self) -> int:
+        return self.key.shape[-1]
+
+
 class MemoryManager:
     """Working memory (permanent first frame + FIFO or consolidation), long-term memory, sensory
     memory and object memory for one video."""
@@ -162,6 +310,7 @@ class MemoryManager:
         self.sensory: dict[int, torch.Tensor] = {}  # id -> (B, C, h, w)
         self.object_memory: dict[int, torch.Tensor] = {}  # id -> (B, Q, C + 1): sums, then area
         self.tokens_per_frame: int | None = None
+        self._readout_memory: dict[int, _ReadoutMemory] = {}
         self.listeners: list[Callable[[MemoryEvent], None]] = []
 
     # ------------------------------------------------------------------ state
@@ -205,19 +354,71 @@ class MemoryManager:
             self.sensory[obj] = sensory[:, i]
 
     # ------------------------------------------------------------------ read
+    def _token_capacity(self, bucket_id: int) -> int:
+        """The most tokens bucket ``bucket_id`` can hold (long-term plus working), as far as
+        known now; buffers are reserved at this size so they need not grow."""
+        work = self.work.buckets[bucket_id]
+        tpf = self.tokens_per_frame or 0
+        most = work.perm_size + (self.max_work_frames + 1) * tpf
+        if self.long is not None:
+            most += self.config.long_term.max_num_tokens
+        return max(most, work.size + (self.long.size(bucket_id) if self.long else 0))
+
+    def _readout(self, bucket_id: int) -> _ReadoutMemory:
+        """The bucket's [long-term | working] keys, shrinkage and values, refilled if stale."""
+        work = self.work.buckets[bucket_id]
+        long = (
+            self.long.buckets[bucket_id]
+            if self.long is not None and self.long.engaged(bucket_id)
+            else None
+        )
+        long_size = long.size if long is not None else 0
+        size = long_size + work.size
+        ids = list(work.object_ids)
+        cache = self._readout_memory.get(bucket_id)
+        if cache is not None and cache.fresh and cache.object_ids == ids:
+            return cache
+        if cache is None or cache.capacity < size or cache.object_ids != ids:
+            capacity = self._token_capacity(bucket_id)
+            bs, ck = work.key.shape[:2]
+            cv = work.values[ids[0]].shape[1]
+            f32 = {"dtype": torch.float32, "device": work.key.device}
+            cache = _ReadoutMemory(
+                key=torch.empty((bs, ck, capacity), **f32),
+                shrinkage=torch.empty((bs, 1, capacity), **f32),
+                values=torch.empty((bs, len(ids), cv, capacity), **f32),
+                object_ids=ids,
+            )
+            self._readout_memory[bucket_id] = cache
+        if long is not None:
+            cache.key[..., :long_size] = long.key
+            cache.shrinkage[..., :long_size] = long.shrinkage
+            for i, obj in enumerate(ids):
+                cache.values[:, i, :, :long_size] = long.values[obj]
+        cache.key[..., long_size:size] = work.key
+        cache.shrinkage[..., long_size:size] = work.shrinkage
+        for i, obj in enumerate(ids):
+            cache.values[:, i, :, long_size:size] = work.values[obj]
+        cache.long_size, cache.size, cache.fresh = long_size, size, True
+        return cache
+
+    def _memory_changed(self) -> None:
+        for cache in self._readout_memory.values():
+            cache.fresh = False
+
     def _bucket_values(self, object_ids: list[int], bucket_id: int) -> torch.Tensor:
-        bucket = self.work.buckets[bucket_id]
-        value = torch.stack([bucket.values[obj] for obj in object_ids], dim=1)  # (B, N, CV, T)
-        if self.long is not None and self.long.engaged(bucket_id):
-            long_bucket = self.long.buckets[bucket_id]
-            long_value = torch.stack([long_bucket.values[obj] for obj in object_ids], dim=1)
-            value = torch.cat([long_value, value], dim=-1)  # (B, N, CV, T_long + T)
-        return value
+        """(B, n, CV, T) values of ``object_ids`` (members of the bucket), long-term first."""
+        cache = self._readout(bucket_id)
+        values = cache.values[..., : cache.size]
+        if object_ids == cache.object_ids:
+            return values
+        rows = torch.tensor([cache.object_ids.index(obj) for obj in object_ids])
+        return values.index_select(1, rows.to(values.device))
 
     def _affinity(
         self, bucket_id: int, query_key: torch.Tensor, query_selection: torch.Tensor
-    ) -> torch.Tensor:
-        """Top-k affinity (B, T, HW) of one bucket, updating usage counters.
+    ) -> _Affinity:
+        """Top-k affinity of one bucket's memory to the query, updating usage counters.
 
         Always float32, also under autocast: the top-k cut and the softmax are sensitive.
         """
@@ -226,28 +427,25 @@ class MemoryManager:
 
     def _affinity_fp32(
         self, bucket_id: int, query_key: torch.Tensor, query_selection: torch.Tensor
-    ) -> torch.Tensor:
+    ) -> _Affinity:
         top_k = self.config.top_k
-        work = self.work.buckets[bucket_id]
-        if self.long is not None and self.long.engaged(bucket_id):
-            long = self.long.buckets[bucket_id]
-            long_size = long.size
-            mem_key = torch.cat([long.key, work.key], -1).float()  # (B, CK, T_long + T)
-            mem_shrinkage = torch.cat([long.shrinkage, work.shrinkage], -1).float()
-            similarity = get_similarity(mem_key, mem_shrinkage, query_key, query_selection)
-            affinity = do_softmax(similarity, top_k)
-            usage = affinity.sum(dim=2)  # (B, T_long + T)
+        cache = self._readout(bucket_id)
+        long_size = cache.long_size
+        mem_key = cache.key[..., : cache.size]  # (B, CK, T_long + T)
+        mem_shrinkage = cache.shrinkage[..., : cache.size]  # (B, 1, T_long + T)
+        tokens, queries = mem_key.shape[-1], query_key.shape[-1]
+        step = query_chunk(tokens, queries)
+        weights, indices = topk_affinity(
+            mem_key, mem_shrinkage, query_key, query_selection, top_k, step
+        )  # (B, k, HW) each
+        result = _Affinity(weights, indices, tokens, step, self.config.readout == "sparse")
+        usage = result.usage() if self.use_long_term else None  # (B, T)
+        if usage is not None:
             self.work.update_usage(bucket_id, usage[:, long_size:])
-            if self.count_long_term_usage:
+            if long_size > 0 and self.count_long_term_usage:
+                assert self.long is not None
                 self.long.update_usage(bucket_id, usage[:, :long_size])
-            return affinity
-        similarity = get_similarity(
-            work.key.float(), work.shrinkage.float(), query_key, query_selection
-        )
-        affinity = do_softmax(similarity, top_k)
-        if self.use_long_term:
-            self.work.update_usage(bucket_id, affinity.sum(dim=2))
-        return affinity
+        return result
 
     def read(
         self,
@@ -281,8 +479,8 @@ class MemoryManager:
                 sensory = self.get_sensory(objects)  # (B, n, C, h, w)
                 mask = last_mask[:, [object_ids.index(obj) for obj in objects]]  # (B, n, H, W)
                 value = self._bucket_values(objects, bucket_id)  # (B, n, CV, T)
-                with torch.autocast(affinity.device.type, enabled=False):
-                    visual = read_values(affinity, value.float())  # (B, n, CV, HW)
+                with torch.autocast(pix_feat.device.type, enabled=False):
+                    visual = affinity.read(value.float())  # (B, n, CV, HW)
                 visual = visual.view(bs, len(objects), value.shape[2], h, w)  # (B, n, CV, h, w)
                 pixel_readout = network.pixel_fusion(pix_feat, visual, sensory, mask)
                 obj_mem = torch.stack([self.object_memory[obj] for obj in objects], dim=1)
@@ -314,6 +512,7 @@ class MemoryManager:
         """
         h, w = mask_value.shape[-2:]
         self.tokens_per_frame = h * w
+        self._memory_changed()
         key = key.flatten(start_dim=2)  # (B, CK, HW)
         shrinkage = shrinkage.flatten(start_dim=2)  # (B, 1, HW)
         mask_value = mask_value.flatten(start_dim=3)  # (B, N, CV, HW)
@@ -329,6 +528,11 @@ class MemoryManager:
                 self.object_memory[obj] = incoming
 
         values = {obj: mask_value[:, i] for i, obj in enumerate(object_ids)}
+        # Reserve the most tokens each store keeps, so that its buffers fill in place.
+        self.work.reserve = (self.max_work_frames + 2) * self.tokens_per_frame
+        if self.long is not None:
+            lt = self.config.long_term
+            self.long.reserve = lt.max_num_tokens + lt.num_prototypes
         self.work.add(
             key,
             values,
@@ -406,6 +610,7 @@ class MemoryManager:
     def purge_except(self, keep_ids: list[int]) -> None:
         """Forget everything about objects not in ``keep_ids``."""
         self.work.purge_except(keep_ids)
+        self._readout_memory.clear()
         if self.long is not None:
             self.long.purge_except(keep_ids)
         keep = set(keep_ids)
@@ -414,6 +619,7 @@ class MemoryManager:
 
     def clear_temporary(self) -> None:
         """Drop all non-permanent working and long-term tokens."""
+        self._memory_changed()
         self.work.clear_temporary()
         if self.long is not None:
             self.long.clear_temporary()

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 __all__ = [
     "TileGrid",
     "active_tiles",
+    "classify_labels",
     "pad_cells",
     "propagate_labels",
     "query_tiles",
@@ -170,3 +171,59 @@ def propagate_labels(
     out = num / total.clamp_min(1e-6)
     out[..., :1] = torch.where(total <= 1e-6, torch.ones_like(total), out[..., :1])
     return out
+
+
+def classify_labels(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    index: torch.Tensor,
+    top_k: int,
+    temperature: float,
+    valid: torch.Tensor | None = None,
+    frame_cells: int = 0,
+    pool: int = 0,
+) -> torch.Tensor:
+    """Class-balanced matching: soft labels (A, Q, K) of query tiles (A, Q, C).
+
+    Every window cell counts for its strongest label (cells without label mass, the padding,
+    for none). A query's score for label c is the mean of its ``top_k`` best affinities among
+    the cells of label c, and the labels are softmax(score / temperature). Unlike
+    :func:`propagate_labels` the answer does not depend on how many cells each label has in
+    the window, so a small object in memory is not outvoted by background.
+
+    Only the ``pool`` best cells of the whole window are ranked (default ``4 top_k``): a label
+    with fewer than ``top_k`` cells among them has its missing affinities set to the lowest
+    pooled one (an upper bound), one with none among them gets that bound as its score.
+    Unlabelled cells (padding) take pool places but count for no label.
+    """
+    a, q, _ = queries.shape
+    r = index.shape[1]
+    kk = values.shape[-1]
+    flat = index.flatten()
+    window_keys = keys.index_select(0, flat).reshape(a, r, -1)  # (A, R, C)
+    affinity = torch.bmm(queries, window_keys.transpose(1, 2))  # (A, Q, R)
+    # Cells without label mass (padding) or whose label their frame does not know: label -1.
+    labels = values.argmax(dim=-1)  # (N,)
+    filled = values.sum(dim=-1) > 0  # (N,)
+    if valid is not None and not bool(valid.all()):
+        frame = torch.arange(len(labels), device=labels.device) // frame_cells
+        filled = filled & valid[frame, labels]
+    labels = labels.masked_fill(~filled, -1)
+    k = min(max(top_k, 1), r)
+    n = min(max(pool, 4 * k), r)
+    top, pos = torch.topk(affinity, n, dim=-1)  # (A, Q, n), sorted descending
+    cells = torch.gather(index, 1, pos.reshape(a, q * n))  # (A, Q n)
+    picked = labels.index_select(0, cells.flatten()).reshape(a, q, n)  # (A, Q, n)
+    floor = top[..., -1:]  # (A, Q, 1) the lowest pooled affinity
+    scores = []
+    for c in range(kk):
+        member = picked == c  # (A, Q, n)
+        # Rank of every member among the members: keep the first k.
+        rank = member.cumsum(dim=-1)
+        take = member & (rank <= k)
+        count = take.sum(dim=-1)  # (A, Q)
+        total = (top * take).sum(dim=-1) + (k - count) * floor[..., 0]
+        scores.append(total / k)
+    score = torch.stack(scores, dim=-1)  # (A, Q, K)
+    return torch.softmax(score / temperature, dim=-1)

@@ -45,6 +45,7 @@ from s3cli.lite.model import LiteFeatures, LiteModel
 from s3cli.lite.propagation import (
     TileGrid,
     active_tiles,
+    classify_labels,
     pad_cells,
     propagate_labels,
     query_tiles,
@@ -99,6 +100,12 @@ class LiteOptions:
     long_weight: float = 0.0
     joint_temperature: float = 0.0
     refine_radius: int = 0
+    prior_radius: int = 0
+    active_reach: int = -1
+    class_weight: float = 0.0
+    class_top_k: int = 5
+    class_temperature: float = 0.05
+    prior_floor: float = 0.1
     refine_eps: float = 1e-3
 
     def __post_init__(self) -> None:
@@ -160,6 +167,12 @@ class LiteState:
         return out
 
 
+def _upsample_cells(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(h, w, D) cells -> (H, W, D), bilinear."""
+    y = F.interpolate(x.permute(2, 0, 1)[None], size=size, mode="bilinear", align_corners=False)
+    return y[0].permute(1, 2, 0)
+
+
 def joint_upsample(prob8: torch.Tensor, f4: torch.Tensor, temperature: float) -> torch.Tensor:
     """Labels (K, h, w) -> (K, 2h, 2w): every stride-4 cell takes the labels of the 3x3
     stride-8 cells around its parent, weighted by softmax(cosine(f4 of the cell, mean f4 of
@@ -187,9 +200,7 @@ def _box(x: torch.Tensor, radius: int) -> torch.Tensor:
     return F.avg_pool2d(x, (k, 1), stride=1, padding=(radius, 0), count_include_pad=False)[0]
 
 
-def guided_filter(
-    guide: torch.Tensor, prob: torch.Tensor, radius: int, eps: float
-) -> torch.Tensor:
+def guided_filter(guide: torch.Tensor, prob: torch.Tensor, radius: int, eps: float) -> torch.Tensor:
     """Edge-aware smoothing of probabilities (K, H, W) guided by a grey image (H, W) (He et
     al.'s guided filter, computed at half resolution); renormalised over K."""
     h, w = guide.shape
@@ -241,30 +252,38 @@ class LiteTracker:
     def _keys(self, feats: LiteFeatures) -> torch.Tensor:
         """Unit-norm keys (h, w, C) on the stride-8 grid: stride-8 features and bilinearly
         upsampled stride-16 features, each centred (optionally) and normalised, concatenated,
-        and optionally projected onto the first frame's principal directions."""
+        and optionally projected onto the first frame's principal directions (the stride-16
+        part is projected before it is upsampled: the two commute)."""
         cfg = self.config
         state = self.state
         if cfg.features == "expanded":
             assert feats.e8 is not None and feats.e16 is not None
-            a, b = feats.e8.float(), feats.e16.float()  # (1, C8, h, w), (1, C16, h/2, w/2)
+            a, b = feats.e8, feats.e16  # (1, C8, h, w), (1, C16, h/2, w/2)
         else:
-            a, b = feats.f8.float(), feats.f16.float()
+            a, b = feats.f8, feats.f16
+        a = a[0].float().permute(1, 2, 0)  # (h, w, C8)
+        b = b[0].float().permute(1, 2, 0)  # (h/2, w/2, C16)
         if cfg.center:
             if state.means is None:
-                state.means = (a.mean(dim=(2, 3), keepdim=True), b.mean(dim=(2, 3), keepdim=True))
+                state.means = (a.mean(dim=(0, 1)), b.mean(dim=(0, 1)))
             a = a - state.means[0]
             b = b - state.means[1]
-        up = F.interpolate(b, size=a.shape[-2:], mode="bilinear", align_corners=False)
         w = cfg.f16_weight
-        key = torch.cat([F.normalize(a, dim=1), F.normalize(up, dim=1) * w], dim=1)
-        key = key[0].permute(1, 2, 0) / math.sqrt(1 + w * w)  # (h, w, C)
-        if cfg.key_dim > 0:
-            if state.basis is None:
-                flat = key.reshape(-1, key.shape[-1])  # (N, C)
-                _, vectors = torch.linalg.eigh(flat.t() @ flat)  # ascending eigenvalues
-                state.basis = vectors[:, -cfg.key_dim :].flip(1).contiguous()
-            key = F.normalize(key @ state.basis, dim=-1)
-        return key.contiguous()
+        a = F.normalize(a, dim=-1)
+        b = F.normalize(b, dim=-1) * w
+        size = (int(a.shape[0]), int(a.shape[1]))
+        if cfg.key_dim <= 0:
+            key = torch.cat([a, _upsample_cells(b, size)], dim=-1)
+            return (key / math.sqrt(1 + w * w)).contiguous()
+        if state.basis is None:
+            full = torch.cat([a, _upsample_cells(b, size)], dim=-1).reshape(
+                -1, a.shape[-1] + b.shape[-1]
+            )
+            _, vectors = torch.linalg.eigh(full.t() @ full)  # ascending eigenvalues
+            state.basis = vectors[:, -cfg.key_dim :].flip(1).contiguous()
+        ca = a.shape[-1]
+        key = a @ state.basis[:ca] + _upsample_cells(b @ state.basis[ca:], size)
+        return F.normalize(key, dim=-1).contiguous()
 
     # ------------------------------------------------------------------ memory
     @property
@@ -342,6 +361,19 @@ class LiteTracker:
         scores = key @ target[:-1] + target[-1]  # (h, w, K)
         return torch.softmax(scores / self.config.target_temperature, dim=-1).permute(2, 0, 1)
 
+    def _spatial_prior(self, prob8: torch.Tensor) -> torch.Tensor:
+        """Objects far (more than ``prior_radius`` cells) from where the last frame had them are
+        scaled down to ``prior_floor``; renormalised."""
+        cfg = self.config
+        last = self._interior(self.state.previous[-1].value).permute(2, 0, 1)  # (K, h, w)
+        if last.shape[0] != prob8.shape[0]:
+            return prob8
+        r = cfg.prior_radius
+        near = F.max_pool2d(last[None, 1:], 2 * r + 1, stride=1, padding=r)[0]  # (N, h, w)
+        scale = cfg.prior_floor + (1 - cfg.prior_floor) * near.clamp(0, 1)
+        out = torch.cat([prob8[:1], prob8[1:] * scale], dim=0)
+        return out / out.sum(dim=0, keepdim=True).clamp_min(1e-12)
+
     # ------------------------------------------------------------------ propagation
     def _propagate(self, key: torch.Tensor) -> torch.Tensor:
         """Soft labels (K, h, w) of the current frame from memory."""
@@ -352,8 +384,12 @@ class LiteTracker:
         memory = state.frames()
         # Only tiles that some memory frame can give an object to need matching: elsewhere
         # every candidate is background.
+        near = [(m, m.reach) for m in memory]
+        if cfg.active_reach >= 0 and state.previous:
+            # Objects move little between frames: search only around the last frame's.
+            near = [(state.previous[-1], cfg.active_reach)]
         active = torch.stack(
-            [active_tiles(self._interior(m.value), grid, m.reach, cfg.active_eps) for m in memory]
+            [active_tiles(self._interior(m.value), grid, r, cfg.active_eps) for m, r in near]
         ).any(dim=0)  # (T,)
         k = memory[0].value.shape[-1]
         labels = key.new_zeros(grid.num_tiles, grid.tile * grid.tile, k)  # (T, Q, K)
@@ -384,7 +420,23 @@ class LiteTracker:
         values = torch.cat([m.value.flatten(0, 1) for m in memory])  # (M h' w', K)
         index = window_index(grid, self._pad_tiles, [m.reach for m in memory], tiles)
         valid = torch.stack([m.valid for m in memory])  # (M, K)
-        return propagate_labels(
+        cells = memory[0].key.shape[0] * memory[0].key.shape[1]
+        w = cfg.class_weight
+        classified = None
+        if w > 0:
+            classified = classify_labels(
+                queries,
+                keys,
+                values,
+                index,
+                cfg.class_top_k,
+                cfg.class_temperature,
+                valid,
+                frame_cells=cells,
+            )
+            if w >= 1:
+                return classified
+        propagated = propagate_labels(
             queries,
             keys,
             values,
@@ -392,8 +444,11 @@ class LiteTracker:
             cfg.top_k,
             cfg.temperature,
             valid,
-            frame_cells=memory[0].key.shape[0] * memory[0].key.shape[1],
+            frame_cells=cells,
         )
+        if classified is None:
+            return propagated
+        return (1 - w) * propagated + w * classified
 
     # ------------------------------------------------------------------ masks
     def _prepare_mask(
@@ -487,6 +542,8 @@ class LiteTracker:
         key = self._keys(feats)  # (h, w, C)
         need_propagation = bool(tracked) and (mask_t is None or not set(tracked) <= set(given))
         prob8 = self._propagate(key) if need_propagation else None  # (K, h, w)
+        if prob8 is not None and cfg.prior_radius > 0 and state.previous:
+            prob8 = self._spatial_prior(prob8)
         if prob8 is not None and state.target is not None and cfg.target_weight > 0:
             target = self._target_labels(key)  # (K, h, w)
             if target.shape[0] == prob8.shape[0]:

@@ -12,8 +12,13 @@ from s3cli.inference.memory import (
     ConsolidationEvent,
     EvictionEvent,
     MemoryManager,
+    _Affinity,
+    dense_affinity,
     do_softmax,
     get_similarity,
+    query_chunk,
+    read_values,
+    topk_affinity,
 )
 
 CK, CV, Q, H, W = 4, 6, 2, 2, 3  # 6 tokens per frame
@@ -53,6 +58,33 @@ def test_top_k_softmax_keeps_k_entries_without_max_subtraction() -> None:
     full = do_softmax(sim)
     assert torch.allclose(full, torch.softmax(sim, dim=1))
     assert torch.allclose(do_softmax(sim, top_k=10), full)  # k is clamped to the memory size
+
+
+def test_blockwise_and_sparse_readout_equal_the_dense_one() -> None:
+    """Long videos read memory in query blocks (bounded transient memory) or sparsely; both
+    give the dense official readout within float rounding, and blocks only where needed."""
+    g = torch.Generator().manual_seed(1)
+    tokens, queries, k = 300, 200, 30
+    mk = torch.randn(2, 16, tokens, generator=g)
+    ms = 1 + torch.rand(2, 1, tokens, generator=g)
+    qk = torch.randn(2, 16, queries, generator=g)
+    qe = torch.rand(2, 16, queries, generator=g)
+    value = torch.randn(2, 3, 8, tokens, generator=g)  # (B, N, CV, T)
+    dense = do_softmax(get_similarity(mk, ms, qk, qe), top_k=k)  # (B, T, HW)
+    expected = read_values(dense, value)
+
+    assert query_chunk(tokens, queries) == queries  # small: whole, as the official code
+    step = query_chunk(tokens, queries, chunk_elements=tokens * 70)
+    assert step == 64 and step < queries
+    weights, indices = topk_affinity(mk, ms, qk, qe, k, step)
+    assert weights.shape == indices.shape == (2, k, queries)
+    torch.testing.assert_close(dense_affinity(weights, indices, tokens), dense)
+    for sparse in (False, True):
+        aff = _Affinity(weights, indices, tokens, step, sparse)
+        torch.testing.assert_close(aff.read(value), expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(aff.usage(), dense.sum(dim=2), atol=1e-5, rtol=1e-5)
+    whole = _Affinity(*topk_affinity(mk, ms, qk, qe, k), tokens, queries, False)
+    assert torch.equal(whole.read(value), expected)  # bit for bit when not split
 
 
 def _frame(manager: MemoryManager, ids: list[int], seed: int, bs: int = 1) -> None:

@@ -19,7 +19,7 @@ def test_bf16_run_close_to_fp32_and_readout_in_fp32(monkeypatch) -> None:
 
     def spy(self, bucket_id, query_key, query_selection):
         out = original(self, bucket_id, query_key, query_selection)
-        seen.append(out.dtype)
+        seen.append(out.weights.dtype)
         return out
 
     monkeypatch.setattr(MemoryManager, "_affinity_fp32", spy)

