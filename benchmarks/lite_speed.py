@@ -10,7 +10,8 @@ from run to run (other jobs, CPU model):
 * ``matmul``: float32 1024x1024 matrix products, in GFLOP/s.
 
 Target: at least 5 frames/s at 480p on 2 CPU cores. Usage:
-``python benchmarks/lite_speed.py [--seq blackswan] [--frames 40] [--threads N] [--json F]``
+``python benchmarks/lite_speed.py [--seq blackswan] [--frames 40] [--threads N] [--json F]
+[--set option=value ...]``
 """
 
 from __future__ import annotations
@@ -61,6 +62,17 @@ def matmul_gflops(seconds: float = 1.0) -> float:
     return 2 * 1024**3 * n / (time.perf_counter() - start) / 1e9
 
 
+def _parse_value(text: str) -> bool | int | float | str:
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    return text
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seq", default="blackswan")
@@ -69,7 +81,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="timed passes over the clip")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--set", action="append", default=[], help="option=value (LiteOptions)")
     args = parser.parse_args()
+    options = {}
+    for item in args.set:
+        name, _, value = item.partition("=")
+        options[name] = _parse_value(value)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
@@ -93,7 +110,7 @@ def main() -> None:
 
     runs = []
     for _ in range(args.repeats):
-        tracker = LiteTracker(model)
+        tracker = LiteTracker(model, **options)
         for i, frame in enumerate(frames[: args.warmup]):
             tracker.step(frame, mask if i == 0 else None)
         start = time.perf_counter()

@@ -1,13 +1,15 @@
-"""Label propagation by feature affinity inside spatial windows, with top-k soft aggregation.
+"""Label propagation by feature affinity inside spatial windows.
 
-A query cell's label is the softmax-weighted (temperature ``tau``) mean of the labels of its
-``k`` most similar memory cells. Similarity is the dot product of unit-norm feature vectors.
+Similarity is the dot product of unit-norm feature vectors. Two ways to turn a query cell's
+affinities into labels: :func:`propagate_labels`, the softmax-weighted (temperature ``tau``)
+mean of the labels of its ``k`` most similar memory cells, and :func:`classify_labels`, which
+scores every label by the mean of the ``k`` best affinities among that label's cells and takes
+softmax(score / tau) (class-balanced: how many cells a label has does not matter).
 
 Windows work on tiles of ``t x t`` grid cells: every query tile is compared with the
 ``(2 reach + 1)^2`` memory tiles around it (its own tile and ``reach`` tiles on each side), so
-affinities exist only inside that window and are one batched matrix product per memory frame.
-A memory frame's window tensors are built once (:func:`windows`) and reused for every query
-frame while it stays in memory.
+affinities exist only inside that window: the window cells of all memory frames are gathered
+(:func:`window_index`) and compared with the tile's cells in one batched matrix product.
 
 Layouts are cell-major, ``(H, W, D)``, so that building windows copies whole feature vectors.
 Shapes: C feature channels, K label channels (background + objects), (H, W) the feature grid,
@@ -210,6 +212,10 @@ def classify_labels(
         frame = torch.arange(len(labels), device=labels.device) // frame_cells
         filled = filled & valid[frame, labels]
     labels = labels.masked_fill(~filled, -1)
+    if valid is not None and not bool(valid.all()):
+        # Keep cells of unknown labels out of the pool (padding, with zero affinity, rarely
+        # gets in: not worth a pass over the affinities in the common case).
+        affinity.masked_fill_(~filled.index_select(0, flat).reshape(a, 1, r), -2.0)
     k = min(max(top_k, 1), r)
     n = min(max(pool, 4 * k), r)
     top, pos = torch.topk(affinity, n, dim=-1)  # (A, Q, n), sorted descending

@@ -1,11 +1,15 @@
-"""``LiteTracker``: training-free video object segmentation by feature label propagation.
+"""``LiteTracker``: training-free video object segmentation by feature matching.
 
 The frozen EfficientNet-Lite0 trunk (:class:`~s3cli.lite.model.LiteModel`) gives every frame a
-key: unit-norm stride-8 features concatenated with unit-norm stride-16 features upsampled to
-stride 8. Labels (background + objects, soft) travel from memory frames to the current frame
-by top-k softmax aggregation of the most similar memory cells inside a spatial window
-(:mod:`s3cli.lite.propagation`). Memory holds the annotated frames (permanent) and the last
-``num_recent`` predicted frames; it is bounded however long the video.
+key on the stride-8 grid: by default the wide expansion features of the blocks that follow the
+stride-8 and stride-16 outputs, centred on the first frame's means, each unit-normalised, the
+stride-16 part upsampled, projected onto the first frame's principal directions and normalised.
+Labels (background + objects) travel from memory frames to the current frame by matching
+inside spatial windows (:mod:`s3cli.lite.propagation`): by default each label scores the mean
+of a cell's best affinities among that label's memory cells (class-balanced, so that an object
+small in the annotated frame is not outvoted by background when it grows). Memory holds the
+annotated frames (permanent, matched in a wider window), the last ``num_recent`` frames kept
+every ``mem_every`` and the last frame; it is bounded however long the video.
 
 The public API is the main engine's ``Tracker``: ``step(image, mask=None, objects=None,
 end=False)`` returns (1 + N, H, W) float32 probabilities at the input size, ``object_ids``,
@@ -68,14 +72,23 @@ class LiteOptions:
     - ``num_recent``: how many of those recent frames memory keeps.
     - ``num_previous``: how many of the last frames are matched too (short-term memory).
     - ``max_permanent``: annotated frames kept (the first always, then the newest).
-    - ``top_k``, ``temperature``: soft aggregation over the k best matches of each cell
-      (``top_k`` 0: over all of them).
+    - ``matching``: ``"class"``: each label scores the mean of a cell's ``top_k`` best
+      affinities among that label's memory cells, labels are softmax(score / temperature)
+      (:func:`~s3cli.lite.propagation.classify_labels`: a small object in memory is not
+      outvoted by background); ``"soft"``: the softmax(affinity / temperature)-weighted mean
+      of the labels of the ``top_k`` best matches (``top_k`` 0: of all of them).
     - ``tile``: window tile size in grid cells; ``reach``/``permanent_reach``: tiles searched
       on each side of a query tile in predicted/annotated frames.
+    - ``active_reach``: only tiles within this many tiles of the last frame's objects are
+      matched (the rest is background); < 0: every tile some memory frame's window gives an
+      object to.
+    - ``features``: ``"expanded"``: keys from the 240- and 672-channel expansions of the
+      next blocks at strides 8 and 16; ``"projected"``: from the 40- and 112-channel block
+      outputs.
+    - ``center``: subtract the first frame's mean feature (per stride) before normalising.
     - ``f16_weight``: weight of the stride-16 features in the key (stride-8 weight 1).
     - ``key_dim``: project keys onto this many principal directions of the first annotated
       frame's keys (0: keep all channels).
-    - ``sharpen``: exponent applied to predicted labels before they are memorised.
     """
 
     max_internal_size: int = 480
@@ -83,30 +96,18 @@ class LiteOptions:
     num_recent: int = 2
     num_previous: int = 1
     max_permanent: int = 4
-    top_k: int = 15
+    matching: str = "class"
+    top_k: int = 5
     temperature: float = 0.05
     tile: int = 8
     reach: int = 1
-    permanent_reach: int = 1
+    permanent_reach: int = 2
+    active_reach: int = 1
+    features: str = "expanded"
+    center: bool = True
     f16_weight: float = 1.0
-    key_dim: int = 0
-    sharpen: float = 1.0
-    features: str = "projected"
-    center: bool = False
+    key_dim: int = 64
     active_eps: float = 0.01
-    target_weight: float = 0.0
-    target_ridge: float = 0.1
-    target_temperature: float = 0.1
-    long_weight: float = 0.0
-    joint_temperature: float = 0.0
-    refine_radius: int = 0
-    prior_radius: int = 0
-    active_reach: int = -1
-    class_weight: float = 0.0
-    class_top_k: int = 5
-    class_temperature: float = 0.05
-    prior_floor: float = 0.1
-    refine_eps: float = 1e-3
 
     def __post_init__(self) -> None:
         for name in ("mem_every", "max_permanent", "tile"):
@@ -117,6 +118,10 @@ class LiteOptions:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not self.temperature > 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.matching not in ("class", "soft"):
+            raise ValueError(f"matching must be 'class' or 'soft', got {self.matching!r}")
+        if self.features not in ("expanded", "projected"):
+            raise ValueError(f"features must be 'expanded' or 'projected', got {self.features!r}")
 
     def replace(self, **changes: Any) -> LiteOptions:
         known = {f.name for f in fields(self)}
@@ -156,7 +161,6 @@ class LiteState:
     grid: TileGrid | None = None
     basis: torch.Tensor | None = None  # (C, key_dim) key projection
     means: tuple[torch.Tensor, torch.Tensor] | None = None  # per-video feature means
-    target: torch.Tensor | None = None  # (C + 1, K) linear target model
 
     def frames(self) -> list[MemoryFrame]:
         """Every distinct memory frame: annotated, recent, then the last frames."""
@@ -171,52 +175,6 @@ def _upsample_cells(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """(h, w, D) cells -> (H, W, D), bilinear."""
     y = F.interpolate(x.permute(2, 0, 1)[None], size=size, mode="bilinear", align_corners=False)
     return y[0].permute(1, 2, 0)
-
-
-def joint_upsample(prob8: torch.Tensor, f4: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Labels (K, h, w) -> (K, 2h, 2w): every stride-4 cell takes the labels of the 3x3
-    stride-8 cells around its parent, weighted by softmax(cosine(f4 of the cell, mean f4 of
-    each of those cells) / temperature): edges follow the stride-4 features."""
-    k, h, w = prob8.shape
-    c = f4.shape[0]
-    fine = F.normalize(f4, dim=0)  # (C4, 2h, 2w)
-    coarse = F.normalize(F.avg_pool2d(f4[None], 2)[0], dim=0)  # (C4, h, w)
-    # 3x3 neighbourhoods of every stride-8 cell, repeated for its 2x2 children.
-    near = F.unfold(coarse[None], 3, padding=1).reshape(1, c * 9, h, w)
-    near = F.interpolate(near, scale_factor=2, mode="nearest")[0].reshape(c, 9, 2 * h, 2 * w)
-    labels = F.unfold(prob8[None], 3, padding=1).reshape(1, k * 9, h, w)
-    labels = F.interpolate(labels, scale_factor=2, mode="nearest")[0].reshape(k, 9, 2 * h, 2 * w)
-    sim = (near * fine[:, None]).sum(dim=0)  # (9, 2h, 2w)
-    # Neighbours outside the frame (zero features) get no weight.
-    sim = sim.masked_fill(near.abs().sum(dim=0) == 0, float("-inf"))
-    weights = torch.softmax(sim / temperature, dim=0)  # (9, 2h, 2w)
-    return (labels * weights[None]).sum(dim=1)  # (K, 2h, 2w)
-
-
-def _box(x: torch.Tensor, radius: int) -> torch.Tensor:
-    """Mean over a (2 radius + 1)^2 box of (C, H, W), separably, ignoring outside pixels."""
-    k = 2 * radius + 1
-    x = F.avg_pool2d(x[None], (1, k), stride=1, padding=(0, radius), count_include_pad=False)
-    return F.avg_pool2d(x, (k, 1), stride=1, padding=(radius, 0), count_include_pad=False)[0]
-
-
-def guided_filter(guide: torch.Tensor, prob: torch.Tensor, radius: int, eps: float) -> torch.Tensor:
-    """Edge-aware smoothing of probabilities (K, H, W) guided by a grey image (H, W) (He et
-    al.'s guided filter, computed at half resolution); renormalised over K."""
-    h, w = guide.shape
-    g = F.avg_pool2d(guide[None, None], 2, ceil_mode=True)[0]  # (1, H / 2, W / 2)
-    p = F.avg_pool2d(prob[None], 2, ceil_mode=True)[0]  # (K, H / 2, W / 2)
-    r = max(1, radius // 2)
-    mean_g = _box(g, r)
-    mean_p = _box(p, r)
-    var_g = _box(g * g, r) - mean_g * mean_g
-    a = (_box(g * p, r) - mean_g * mean_p) / (var_g + eps)  # (K, H / 2, W / 2)
-    b = mean_p - a * mean_g
-    ab = torch.cat([_box(a, r), _box(b, r)], dim=0)[None]
-    ab = F.interpolate(ab, size=(h, w), mode="bilinear", align_corners=False)[0]
-    k = prob.shape[0]
-    out = (ab[:k] * guide + ab[k:]).clamp_(0.0, 1.0)
-    return out / out.sum(dim=0, keepdim=True).clamp_min(1e-6)
 
 
 class LiteTracker:
@@ -312,8 +270,6 @@ class LiteTracker:
             reach=cfg.permanent_reach if permanent else cfg.reach,
         )
         if permanent:
-            if cfg.target_weight > 0:
-                state.target = self._fit_target(key, value)
             state.permanent.append(frame)
             if len(state.permanent) > cfg.max_permanent:
                 del state.permanent[1]  # keep the first annotated frame and the newest ones
@@ -334,45 +290,10 @@ class LiteTracker:
         for m in self.state.frames():
             value = torch.cat([m.value, m.value.new_zeros(*m.value.shape[:2], count)], dim=-1)
             valid = torch.cat([m.valid, m.valid.new_zeros(count)])
-            if bool(valid[0]):
-                # Background meant "none of the objects known then": unknown from now on.
-                valid[0] = False
-                value[..., 0] = 0
+            # Background meant "none of the objects known then": unknown from now on (its
+            # values stay, so that a cell's strongest label is still background).
+            valid[0] = False
             m.set_channels(value, valid)
-
-    def _fit_target(self, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-        """Class-balanced ridge regression from keys (h, w, C) to labels (h, w, K): the
-        weights (C + 1, K) of a linear target model (last row: bias)."""
-        x = key.reshape(-1, key.shape[-1])  # (N, C)
-        x = torch.cat([x, x.new_ones(x.shape[0], 1)], dim=1)  # (N, C + 1)
-        y = value.reshape(-1, value.shape[-1])  # (N, K)
-        mass = y.sum(dim=0).clamp_min(1.0)  # (K,)
-        weight = (y / mass).sum(dim=1, keepdim=True)  # (N, 1): every class weighs the same
-        xw = x * weight
-        gram = xw.t() @ x  # (C + 1, C + 1)
-        ridge = self.config.target_ridge * gram.diagonal().mean()
-        gram = gram + ridge * torch.eye(gram.shape[0], device=x.device)
-        return torch.linalg.solve(gram, xw.t() @ y)  # (C + 1, K)
-
-    def _target_labels(self, key: torch.Tensor) -> torch.Tensor:
-        """(K, h, w) label probabilities of the linear target model."""
-        target = self.state.target
-        assert target is not None
-        scores = key @ target[:-1] + target[-1]  # (h, w, K)
-        return torch.softmax(scores / self.config.target_temperature, dim=-1).permute(2, 0, 1)
-
-    def _spatial_prior(self, prob8: torch.Tensor) -> torch.Tensor:
-        """Objects far (more than ``prior_radius`` cells) from where the last frame had them are
-        scaled down to ``prior_floor``; renormalised."""
-        cfg = self.config
-        last = self._interior(self.state.previous[-1].value).permute(2, 0, 1)  # (K, h, w)
-        if last.shape[0] != prob8.shape[0]:
-            return prob8
-        r = cfg.prior_radius
-        near = F.max_pool2d(last[None, 1:], 2 * r + 1, stride=1, padding=r)[0]  # (N, h, w)
-        scale = cfg.prior_floor + (1 - cfg.prior_floor) * near.clamp(0, 1)
-        out = torch.cat([prob8[:1], prob8[1:] * scale], dim=0)
-        return out / out.sum(dim=0, keepdim=True).clamp_min(1e-12)
 
     # ------------------------------------------------------------------ propagation
     def _propagate(self, key: torch.Tensor) -> torch.Tensor:
@@ -397,16 +318,7 @@ class LiteTracker:
         tiles = active.nonzero()[:, 0]  # (A,)
         if tiles.numel() > 0:
             queries = query_tiles(key, grid)[tiles]  # (A, Q, C)
-            pools = [memory]
-            if cfg.long_weight > 0:
-                long = [m for m in memory if m.permanent]
-                short = [m for m in memory if not m.permanent]
-                pools = [p for p in (short, long) if p]
-            results = [self._match(queries, tiles, pool) for pool in pools]
-            if len(results) == 2:
-                w = cfg.long_weight
-                results = [(1 - w) * results[0] + w * results[1]]
-            labels[tiles] = results[0]
+            labels[tiles] = self._match(queries, tiles, memory)
         return untile(labels, grid)  # (K, h, w)
 
     def _match(
@@ -420,23 +332,8 @@ class LiteTracker:
         values = torch.cat([m.value.flatten(0, 1) for m in memory])  # (M h' w', K)
         index = window_index(grid, self._pad_tiles, [m.reach for m in memory], tiles)
         valid = torch.stack([m.valid for m in memory])  # (M, K)
-        cells = memory[0].key.shape[0] * memory[0].key.shape[1]
-        w = cfg.class_weight
-        classified = None
-        if w > 0:
-            classified = classify_labels(
-                queries,
-                keys,
-                values,
-                index,
-                cfg.class_top_k,
-                cfg.class_temperature,
-                valid,
-                frame_cells=cells,
-            )
-            if w >= 1:
-                return classified
-        propagated = propagate_labels(
+        match = classify_labels if cfg.matching == "class" else propagate_labels
+        return match(
             queries,
             keys,
             values,
@@ -444,11 +341,8 @@ class LiteTracker:
             cfg.top_k,
             cfg.temperature,
             valid,
-            frame_cells=cells,
+            frame_cells=memory[0].key.shape[0] * memory[0].key.shape[1],
         )
-        if classified is None:
-            return propagated
-        return (1 - w) * propagated + w * classified
 
     # ------------------------------------------------------------------ masks
     def _prepare_mask(
@@ -542,13 +436,6 @@ class LiteTracker:
         key = self._keys(feats)  # (h, w, C)
         need_propagation = bool(tracked) and (mask_t is None or not set(tracked) <= set(given))
         prob8 = self._propagate(key) if need_propagation else None  # (K, h, w)
-        if prob8 is not None and cfg.prior_radius > 0 and state.previous:
-            prob8 = self._spatial_prior(prob8)
-        if prob8 is not None and state.target is not None and cfg.target_weight > 0:
-            target = self._target_labels(key)  # (K, h, w)
-            if target.shape[0] == prob8.shape[0]:
-                prob8 = prob8 * target.pow(cfg.target_weight)
-                prob8 = prob8 / prob8.sum(dim=0, keepdim=True).clamp_min(1e-12)
 
         if mask_t is not None:
             new_ids = state.objects.add(given)
@@ -566,19 +453,9 @@ class LiteTracker:
                 self._memorise(key, value.permute(1, 2, 0), permanent=True)
         else:
             assert prob8 is not None
-            if cfg.joint_temperature > 0:
-                prob4 = joint_upsample(prob8, feats.f4[0].float(), cfg.joint_temperature)
-                prob = self._upsample(prob4, (hp, wp))
-            else:
-                prob = self._upsample(prob8, (hp, wp))
-            if cfg.refine_radius > 0:
-                prob = guided_filter(img.mean(dim=0), prob, cfg.refine_radius, cfg.refine_eps)
+            prob = self._upsample(prob8, (hp, wp))
             if not end:
-                value = prob8
-                if cfg.sharpen != 1.0:
-                    value = value.pow(cfg.sharpen)
-                    value = value / value.sum(dim=0, keepdim=True).clamp_min(1e-6)
-                self._memorise(key, value.permute(1, 2, 0), permanent=False)
+                self._memorise(key, prob8.permute(1, 2, 0), permanent=False)
         return self._to_output(prob, pad, size, internal is not None)
 
     @staticmethod

@@ -3,7 +3,8 @@
 The issue's check, at the default (480p) size on all seven sequences: every sequence keeps
 its region similarity J above a floor set a few points under the figure measured when the
 defaults were chosen, and the mean J&F above its floor, so that an accuracy regression fails
-even when the pipeline still runs. It tracks 483 frames: about two minutes on two CPU cores.
+even when the pipeline still runs. It tracks 483 frames: 14 minutes on a shared, heavily
+loaded two-core machine, about three on a quiet one (estimated from the tracker's speed).
 """
 
 from __future__ import annotations
@@ -19,18 +20,18 @@ from tests.conftest import SHARED, require_shared
 DAVIS16_MINI = SHARED / "data" / "davis16-mini"
 
 J_FLOORS = {
-    "blackswan": 0.0,
-    "bmx-trees": 0.0,
-    "breakdance": 0.0,
-    "camel": 0.0,
-    "car-shadow": 0.0,
-    "motocross-jump": 0.0,
-    "soapbox": 0.0,
+    "blackswan": 0.85,  # measured 0.889
+    "bmx-trees": 0.36,  # 0.398
+    "breakdance": 0.44,  # 0.479
+    "camel": 0.61,  # 0.646
+    "car-shadow": 0.84,  # 0.875
+    "motocross-jump": 0.68,  # 0.713
+    "soapbox": 0.63,  # 0.666
 }
-"""Per-sequence J-Mean floors: measured J (480p, CPU) minus a few points."""
+"""Per-sequence J-Mean floors: J measured with the defaults (480p, CPU) minus about 3 points."""
 
-JF_MEAN_FLOOR = 0.0
-"""Floor of the seven-sequence J&F-Mean (measured minus a point and a half)."""
+JF_MEAN_FLOOR = 0.67
+"""Floor of the seven-sequence J&F-Mean (measured 0.684)."""
 
 
 def test_lite_tracks_davis16_mini(tmp_path: Path) -> None:
@@ -47,3 +48,10 @@ def test_lite_tracks_davis16_mini(tmp_path: Path) -> None:
     low = {name: round(j, 3) for name, j in scores.items() if j < J_FLOORS[name]}
     assert not low, f"J below the floor: {low} (floors {J_FLOORS})"
     assert data["J&F-Mean"] >= JF_MEAN_FLOOR, data
+    # The run is the full protocol: every frame written, the table printed on stderr.
+    assert data["frames"] == 483 and data["fps"] > 0
+    assert "J&F" in result.stderr and "Global" in result.stderr
+    gt = root / "Annotations" / "480p"
+    for name in J_FLOORS:
+        written = sorted(p.name for p in (out / "Annotations" / name).glob("*.png"))
+        assert written == sorted(p.name for p in (gt / name).glob("*.png")), name

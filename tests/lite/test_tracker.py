@@ -218,5 +218,3 @@ def test_no_state_in_the_model(model: LiteModel, judo) -> None:
         a.step(frame)
     pb = b.step(frames[1])
     torch.testing.assert_close(pa, pb)
-
-
