@@ -299,6 +299,18 @@ def segment_video(
                 f"{options.mask or options.mask_dir}: no mask matched any processed frame "
                 f"(mask frame {options.mask_frame}, range starts at {start})"
             )
+    return _summary(options, model_name, frames, t0, list(tracker.object_ids), "forward")
+
+
+def _summary(
+    options: SegmentOptions,
+    model_name: str,
+    frames: int,
+    t0: float,
+    object_ids: list[int],
+    direction: str,
+) -> SegmentSummary:
+    """The summary of a finished run that started at ``perf_counter()`` time ``t0``."""
     seconds = time.perf_counter() - t0
     return SegmentSummary(
         source=str(options.source),
@@ -307,9 +319,9 @@ def segment_video(
         seconds=round(seconds, 3),
         fps=round(frames / seconds, 3) if seconds > 0 else 0.0,
         peak_memory_mb=round(peak_memory_mb(), 1),
-        object_ids=list(tracker.object_ids),
-        outputs=_done_outputs(outputs),
-        direction="forward",
+        object_ids=object_ids,
+        outputs=_done_outputs(options.outputs),
+        direction=direction,
     )
 
 
@@ -442,20 +454,9 @@ def _segment_keyframes(
             raise InputError(
                 f"{options.source}: no frames in the range [{options.start}, {options.end})"
             )
-    seconds = time.perf_counter() - t0
     order = [o for kf in keyframes for o in kf.ids]
     object_ids.sort(key=lambda o: order.index(o) if o in order else len(order))
-    return SegmentSummary(
-        source=str(options.source),
-        model=model_name,
-        frames=frames,
-        seconds=round(seconds, 3),
-        fps=round(frames / seconds, 3) if seconds > 0 else 0.0,
-        peak_memory_mb=round(peak_memory_mb(), 1),
-        object_ids=object_ids,
-        outputs=_done_outputs(outputs),
-        direction=direction,
-    )
+    return _summary(options, model_name, frames, t0, object_ids, direction)
 
 
 def _autocast(device: str, precision: str):
