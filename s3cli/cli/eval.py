@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import typer
-from rich.console import Console
 from rich.text import Text
 
 from s3cli.cli.console import err_console
@@ -58,17 +57,10 @@ def _summary_json(result: EvalResult, csv_path: Path | None) -> dict[str, Any]:
 
 
 def _print_report(result: EvalResult) -> None:
-    from s3cli.cli.score import score_table
+    from s3cli.cli.score import print_report
 
-    report = result.report
-    assert report is not None
-    for note in report.notes:
-        err_console.print(Text.assemble(("warning:", "yellow"), " ", note))
-    console = err_console
-    if not console.is_terminal:  # a pipe or a log gets the whole table
-        longest = max((len(s.name) for s in report.sequences), default=8)
-        console = Console(stderr=True, highlight=False, width=max(console.width, longest + 84))
-    console.print(score_table(report))
+    assert result.report is not None
+    print_report(result.report)
 
 
 def _run(options, callbacks_factory):
@@ -184,7 +176,9 @@ def eval_command(
 
     YouTube-VOS: every given mask (objects appear later), the frames of meta.json, a zip.
 
-    MOSE, LVOS: their layouts and zips. generic: JPEGImages/<seq>, Annotations/<seq>.
+    MOSE, LVOS: their layouts and zips; LVOS valid is scored with LVOS's protocol.
+
+    generic: JPEGImages/<seq>, Annotations/<seq>.
 
     A run that stops resumes where it stopped with the same --output.
     """

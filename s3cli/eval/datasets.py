@@ -35,8 +35,9 @@ Protocol details (Cutie's ``config/eval_config.yaml``, ``inference/data/vos_test
 * LVOS: each object starts from the mask where it first appears: ``Annotations_first_only``
   when present (Cutie's preprocessed copy), else ``Annotations`` reduced to those first masks;
   every frame is written and the zip holds ``Annotations/<seq>/<frame>.png``. ``<split>_meta.json``
-  or ``meta.json`` lists the sequences when present. LVOS scores objects over their own frame
-  ranges with its own tool, so it is not scored here.
+  or ``meta.json`` lists the sequences when present. When that meta file gives every object's
+  frame range and ``Annotations`` holds the masks inside them (the valid split), the
+  predictions are scored with LVOS's own protocol (:mod:`s3cli.eval.lvos_scoring`).
 * generic: like LVOS; the annotations are also the ground truth when every frame from the first
   annotated one has a mask.
 
@@ -148,6 +149,9 @@ class Dataset:
     zip_layout: ZipLayout | None
     """The submission zip's layout, or ``None`` when the benchmark takes no zip."""
     notes: tuple[str, ...] = ()
+    lvos_meta: Path | None = None
+    """LVOS: the meta file whose frame ranges the ground truth is scored over (LVOS's protocol
+    instead of DAVIS's); ``None`` for the other datasets."""
 
     @property
     def label(self) -> str:
@@ -492,16 +496,33 @@ def _mose(root: Path, split: str, wanted: Iterable[str] | None) -> Dataset:
     )
 
 
+def _lvos_scorable(meta: Path, truth: Path, names: Iterable[str]) -> bool:
+    """Whether ``truth`` holds LVOS ground truth for ``names``: the meta file gives frame ranges
+    and each object's last scored frame has a mask (the test split has first masks only)."""
+    from s3cli.eval.lvos_scoring import read_lvos_meta
+
+    try:
+        videos = read_lvos_meta(meta)
+        for name in names:
+            for obj in videos.get(name, ()):
+                frames = obj.scored_frames(meta)
+                if frames and not (truth / name / f"{frames[-1][1]}.png").is_file():
+                    return False
+    except DatasetError:
+        return False
+    return all(name in videos for name in names)
+
+
 def _lvos(root: Path, split: str, wanted: Iterable[str] | None) -> Dataset:
+    from s3cli.eval.lvos_scoring import find_lvos_meta
+
     folder = _split_folder("lvos", root, split)
     split = folder.name
     images = _require_dir(folder / "JPEGImages", "frame folder", "LVOS holds <split>/JPEGImages")
     first_only = folder / "Annotations_first_only"
     masks = first_only if first_only.is_dir() else folder / "Annotations"
     _require_dir(masks, "annotation folder", "LVOS holds <split>/Annotations")
-    meta_path = next(
-        (p for p in (folder / f"{split}_meta.json", folder / "meta.json") if p.is_file()), None
-    )
+    meta_path = find_lvos_meta(folder)
     if meta_path is not None:
         names = sorted(_read_json(meta_path))
         if not names:
@@ -512,6 +533,23 @@ def _lvos(root: Path, split: str, wanted: Iterable[str] | None) -> Dataset:
             raise DatasetError(f"{masks}: no sequence folders (LVOS holds <split>/Annotations)")
     names = _select(names, wanted, root)
     seqs = tuple(_sequence(n, images, masks) for n in names)
+    truth = folder / "Annotations"
+    if meta_path is not None and _lvos_scorable(meta_path, truth, names):
+        return Dataset(
+            name="lvos",
+            split=split,
+            root=root,
+            protocol=_PROTOCOLS["lvos"],
+            sequences=seqs,
+            ground_truth=truth,
+            zip_layout="annotations",
+            lvos_meta=meta_path,
+        )
+    why = (
+        "it has no meta file with frame ranges"
+        if meta_path is None
+        else f"{truth} lacks masks inside the frame ranges of {meta_path.name}"
+    )
     return Dataset(
         name="lvos",
         split=split,
@@ -520,10 +558,7 @@ def _lvos(root: Path, split: str, wanted: Iterable[str] | None) -> Dataset:
         sequences=seqs,
         ground_truth=None,
         zip_layout="annotations",
-        notes=(
-            f"lvos {split}: scored by LVOS's own tool (objects over their frame ranges), not "
-            "here: run lvos-evaluation on the Annotations folder, or upload the zip",
-        ),
+        notes=(f"lvos {split} is not scored here because {why}: upload the zip",),
     )
 
 

@@ -34,6 +34,7 @@ from s3cli.errors import DatasetError, OutputError
 from s3cli.eval.datasets import Dataset, Sequence, load_dataset
 
 if TYPE_CHECKING:
+    from s3cli.eval.lvos_scoring import LvosReport
     from s3cli.eval.scoring import ScoreReport
 
 __all__ = [
@@ -94,7 +95,7 @@ class EvalResult:
     predictions: Path
     sequences: list[SequenceResult]
     zip_path: Path | None = None
-    report: ScoreReport | None = None
+    report: ScoreReport | LvosReport | None = None
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -405,7 +406,12 @@ def run_eval(options: EvalOptions, callbacks: EvalCallbacks | None = None) -> Ev
                 f"{result.zip_path}: holds only the {total} sequence(s) chosen with --sequences"
             )
     late = []
-    if dataset.ground_truth is not None and dataset.protocol.masks == "first-appearance":
+    lvos = dataset.lvos_meta is not None  # LVOS scores objects over their own frame ranges
+    if (
+        not lvos
+        and dataset.ground_truth is not None
+        and dataset.protocol.masks == "first-appearance"
+    ):
         late = [
             s.name
             for s in dataset.sequences
@@ -416,6 +422,18 @@ def run_eval(options: EvalOptions, callbacks: EvalCallbacks | None = None) -> Ev
             f"{dataset.ground_truth / late[0]}: objects appear after the first annotated frame, "
             "which the DAVIS protocol cannot score, so nothing is scored (score sequences whose "
             "objects are all in their first mask)"
+        )
+    elif options.score and lvos:
+        from s3cli.eval.lvos_scoring import score_lvos
+
+        assert dataset.ground_truth is not None and dataset.lvos_meta is not None
+        result.report = score_lvos(
+            dataset.ground_truth,
+            predictions,
+            dataset.lvos_meta,
+            workers=options.workers,
+            sequences=[s.name for s in dataset.sequences],
+            progress=cb.scoring,
         )
     elif options.score and dataset.ground_truth is not None:
         from s3cli.eval.scoring import score_folders

@@ -44,6 +44,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -68,6 +69,7 @@ __all__ = [
     "default_workers",
     "list_sequences",
     "read_label_map",
+    "run_chunks",
     "score_folders",
 ]
 
@@ -443,7 +445,7 @@ def score_folders(
                 )
             )
 
-    results = _run_chunks(chunks, min(n_workers, len(chunks)), total, progress)
+    results = run_chunks(chunks, min(n_workers, len(chunks)), total, progress, _score_chunk)
 
     notes: list[str] = []
     seq_scores: list[SequenceScore] = []
@@ -497,19 +499,22 @@ def score_folders(
     )
 
 
-def _run_chunks(
-    chunks: list[_Chunk],
+def run_chunks(
+    chunks: Sequence[Any],
     n_workers: int,
     total: int,
     progress: Callable[[int, int], None] | None,
-) -> list[_ChunkResult]:
+    score: Callable[[Any], Any],
+) -> list[Any]:
+    """``score(chunk)`` for every chunk, in order, in ``n_workers`` processes (this one when 1).
+    Each chunk has ``names``, the frames it holds: ``progress(done, total)`` counts them."""
     done = 0
     if progress is not None:
         progress(0, total)
-    results: list[_ChunkResult] = []
+    results: list[Any] = []
     if n_workers <= 1:
         for chunk in chunks:
-            results.append(_score_chunk(chunk))
+            results.append(score(chunk))
             done += len(chunk.names)
             if progress is not None:
                 progress(done, total)
@@ -518,7 +523,7 @@ def _run_chunks(
         max_workers=n_workers, mp_context=_pool_context(), initializer=_init_worker
     )
     try:
-        futures: list[Future[_ChunkResult]] = [executor.submit(_score_chunk, c) for c in chunks]
+        futures: list[Future[Any]] = [executor.submit(score, c) for c in chunks]
         for chunk, future in zip(chunks, futures, strict=True):
             results.append(future.result())  # re-raises the worker's error, in chunk order
             done += len(chunk.names)

@@ -527,3 +527,28 @@ def test_output_over_the_dataset_is_refused(tmp_path: Path, echo) -> None:
     with pytest.raises(OutputError, match="would overwrite the dataset's masks"):
         run_eval(_opts("ytvos19", yt, yt / "valid"))
     assert echo.calls == []
+
+
+def test_lvos_split_is_scored_over_frame_ranges(tmp_path: Path, echo) -> None:
+    from s3cli.eval.lvos_scoring import LvosReport
+    from tests.eval.lvos_synth import make_lvos
+
+    root = make_lvos(tmp_path / "l")
+    result = run_eval(_opts("lvos", root, tmp_path / "out"))
+    # each object starts from its first mask: id 4 of R3UJGYwy at frame 3, id 5 of bbbb0002 at 2
+    assert _given(echo, "R3UJGYwy") == [(0, (1,)), (3, (4,))]
+    assert _given(echo, "bbbb0002") == [(0, (2,)), (2, (5,))]
+    report = result.report
+    assert isinstance(report, LvosReport)
+    names = [o.name for o in report.objects]
+    assert names == ["R3UJGYwy_1", "R3UJGYwy_2", "aaaa0001_1", "aaaa0001_2", "bbbb0002_1",
+                     "bbbb0002_2"]
+    # the first scored frame of aaaa0001 object 1 is frame 00000005: its J is the IoU there
+    obj = report.objects[2]
+    gt = np.array(Image.open(root / "valid" / "Annotations" / "aaaa0001" / "00000005.png")) == 1
+    pred = np.array(Image.open(result.predictions / "aaaa0001" / "00000005.png")) == 1
+    assert obj.frames[0] == "00000005"
+    assert obj.j[0] == pytest.approx((gt & pred).sum() / (gt | pred).sum(), abs=1e-12)
+    assert 0 < report.summary["J&F-Mean"] < 1 and not result.notes
+    with zipfile.ZipFile(result.zip_path) as zf:
+        assert "Annotations/R3UJGYwy/00000045.png" in zf.namelist()
