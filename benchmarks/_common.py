@@ -1,12 +1,27 @@
-"""Helpers shared by the benchmark scripts: the machine's own matmul throughput as a yardstick."""
+"""Helpers shared by the benchmark scripts: the machine's own matmul throughput as a yardstick,
+and where the davis16-mini data lives."""
 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import torch
 
-__all__ = ["matmul_gflops", "median"]
+__all__ = ["DAVIS16_MINI", "DAVIS_SEQUENCES", "REPO", "matmul_gflops", "median"]
+
+REPO = Path(__file__).resolve().parents[1]
+DAVIS16_MINI = REPO.parent / "shared" / "data" / "davis16-mini"
+DAVIS_SEQUENCES = (
+    "blackswan",
+    "car-shadow",
+    "motocross-jump",
+    "breakdance",
+    "bmx-trees",
+    "camel",
+    "soapbox",
+)
+"""The seven davis16-mini sequences: the three easy ones first (its README)."""
 
 
 def matmul_gflops(n: int = 1024, dtype: torch.dtype = torch.float32, seconds: float = 1.0) -> float:

@@ -33,22 +33,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from s3cli.api import SegmentOptions, load_tracking_model, segment_video
-from s3cli.eval.metrics import statistics
-from s3cli.eval.scoring import score_folders
-from s3cli.io.outputs import OutputOptions
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import DAVIS16_MINI, DAVIS_SEQUENCES  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_ROOT = REPO.parent / "shared" / "data" / "davis16-mini"
-SEQUENCES = (
-    "blackswan",
-    "car-shadow",
-    "motocross-jump",
-    "breakdance",
-    "bmx-trees",
-    "camel",
-    "soapbox",
-)
+from s3cli.api import SegmentOptions, load_tracking_model, segment_video  # noqa: E402
+from s3cli.eval.metrics import statistics  # noqa: E402
+from s3cli.eval.scoring import score_folders  # noqa: E402
+from s3cli.io.outputs import OutputOptions  # noqa: E402
+
+DEFAULT_ROOT = DAVIS16_MINI
+SEQUENCES = DAVIS_SEQUENCES
 RUNS = ("frame0", "middle", "firstlast")
 MARKER = ".bench-done.json"
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -25,20 +26,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from s3cli.eval.metrics import frame_scores, statistics
-from s3cli.lite import LiteFeatures, LiteModel, LiteTracker, load_lite_model
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import DAVIS16_MINI, DAVIS_SEQUENCES  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_ROOT = REPO.parent / "shared" / "data" / "davis16-mini"
-SEQUENCES = (
-    "blackswan",
-    "car-shadow",
-    "motocross-jump",
-    "breakdance",
-    "bmx-trees",
-    "camel",
-    "soapbox",
-)
+from s3cli.eval.metrics import frame_scores, statistics  # noqa: E402
+from s3cli.lite import LiteFeatures, LiteModel, LiteTracker, load_lite_model  # noqa: E402
+
+DEFAULT_ROOT = DAVIS16_MINI
+SEQUENCES = DAVIS_SEQUENCES
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "default": {},

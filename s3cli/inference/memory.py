@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -228,7 +228,8 @@ class _Affinity:
     """A bucket's top-k memory-to-query affinity: weights and token indices (B, k, HW).
 
     ``read`` with ``sparse`` gathers the k values of each query; otherwise it multiplies the
-    values by the dense (B, T, q) affinity block by block as the official code (whole when small).
+    values by the dense (B, T, q) affinity block by block as the official code (whole when
+    small: that dense affinity is then built once and shared by ``usage`` and every ``read``).
     """
 
     weights: torch.Tensor  # (B, k, HW)
@@ -236,6 +237,18 @@ class _Affinity:
     tokens: int
     step: int
     sparse: bool
+    _whole: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def blocked(self) -> bool:
+        """Whether the queries are taken in blocks (long memories) rather than all at once."""
+        return self.step < self.weights.shape[-1]
+
+    def whole(self) -> torch.Tensor:
+        """The dense (B, T, HW) affinity (only built when not ``blocked``)."""
+        if self._whole is None:
+            self._whole = dense_affinity(self.weights, self.indices, self.tokens)
+        return self._whole
 
     def blocks(self) -> Iterator[tuple[int, int, torch.Tensor]]:
         """(q0, q1, dense (B, T, q1 - q0)) affinity blocks."""
@@ -247,21 +260,20 @@ class _Affinity:
 
     def usage(self) -> torch.Tensor:
         """Per-token affinity mass (B, T): ``affinity.sum(dim=2)``."""
-        total: torch.Tensor | None = None
-        for _, _, block in self.blocks():
-            part = block.sum(dim=2)
-            total = part if total is None else total.add_(part)
-        assert total is not None
-        return total
+        if not self.blocked:
+            return self.whole().sum(dim=2)  # the official order of summation
+        # Long memories: add the top-k weights onto their tokens, no dense affinity needed.
+        b = self.weights.shape[0]
+        usage = self.weights.new_zeros(b, self.tokens)
+        return usage.scatter_add_(1, self.indices.reshape(b, -1), self.weights.reshape(b, -1))
 
     def read(self, value: torch.Tensor) -> torch.Tensor:
         """value: (B, N, CV, T) -> (B, N, CV, HW)."""
         if self.sparse:
             return read_topk_values(self.weights, self.indices, value)
-        queries = self.weights.shape[-1]
-        if self.step >= queries:
-            return read_values(dense_affinity(self.weights, self.indices, self.tokens), value)
-        out = value.new_empty((*value.shape[:3], queries))
+        if not self.blocked:
+            return read_values(self.whole(), value)
+        out = value.new_empty((*value.shape[:3], self.weights.shape[-1]))
         for q0, q1, block in self.blocks():
             out[..., q0:q1] = read_values(block, value)
         return out

@@ -33,6 +33,7 @@ __all__ = [
     "propagate_labels",
     "query_tiles",
     "untile",
+    "window_affinity",
     "window_index",
 ]
 
@@ -130,6 +131,14 @@ def active_tiles(value: torch.Tensor, grid: TileGrid, reach: int, eps: float) ->
     return per_tile.flatten()
 
 
+def window_affinity(queries: torch.Tensor, keys: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Affinities (A, Q, R) of query tiles (A, Q, C) with their window cells: rows ``index``
+    (A, R) of the stacked memory keys (N, C)."""
+    a, r = index.shape
+    window_keys = keys.index_select(0, index.flatten()).reshape(a, r, -1)  # (A, R, C)
+    return torch.bmm(queries, window_keys.transpose(1, 2))
+
+
 def propagate_labels(
     queries: torch.Tensor,
     keys: torch.Tensor,
@@ -153,8 +162,7 @@ def propagate_labels(
     a, q, _ = queries.shape
     r = index.shape[1]
     kk = values.shape[-1]
-    window_keys = keys.index_select(0, index.flatten()).reshape(a, r, -1)  # (A, R, C)
-    affinity = torch.bmm(queries, window_keys.transpose(1, 2))  # (A, Q, R)
+    affinity = window_affinity(queries, keys, index)  # (A, Q, R)
     if 0 < top_k < r:
         top, pos = torch.topk(affinity, top_k, dim=-1, sorted=False)  # (A, Q, k)
         cells = torch.gather(index, 1, pos.reshape(a, q * top_k))  # (A, Q k)
@@ -202,9 +210,7 @@ def classify_labels(
     a, q, _ = queries.shape
     r = index.shape[1]
     kk = values.shape[-1]
-    flat = index.flatten()
-    window_keys = keys.index_select(0, flat).reshape(a, r, -1)  # (A, R, C)
-    affinity = torch.bmm(queries, window_keys.transpose(1, 2))  # (A, Q, R)
+    affinity = window_affinity(queries, keys, index)  # (A, Q, R)
     # Cells without label mass (padding) or whose label their frame does not know: label -1.
     labels = values.argmax(dim=-1)  # (N,)
     filled = values.sum(dim=-1) > 0  # (N,)
@@ -215,7 +221,7 @@ def classify_labels(
     if valid is not None and not bool(valid.all()):
         # Keep cells of unknown labels out of the pool (padding, with zero affinity, rarely
         # gets in: not worth a pass over the affinities in the common case).
-        affinity.masked_fill_(~filled.index_select(0, flat).reshape(a, 1, r), -2.0)
+        affinity.masked_fill_(~filled.index_select(0, index.flatten()).reshape(a, 1, r), -2.0)
     k = min(max(top_k, 1), r)
     n = min(max(pool, 4 * k), r)
     top, pos = torch.topk(affinity, n, dim=-1)  # (A, Q, n), sorted descending

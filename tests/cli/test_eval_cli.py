@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 
 from s3cli.cli.main import app
 from s3cli.model.registry import build_network
+from tests.cli.helpers import assert_one_error
 from tests.eval.test_eval_runner import echo, make_davis, make_youtube  # noqa: F401
 
 runner = CliRunner()
@@ -42,16 +43,6 @@ def one_thread():
 
 def _eval(*args: str | Path):
     return runner.invoke(app, ["eval", "--device", "cpu", *map(str, args)])
-
-
-def _one_error(result, *needles: str) -> None:
-    assert result.exit_code == 1, result.output
-    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("error: "), lines[0]
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    assert result.stdout == ""
 
 
 def _ids(data: bytes) -> set[int]:
@@ -111,7 +102,7 @@ def test_davis_json_table_csv_and_resume(tmp_path: Path, echo) -> None:  # noqa:
     assert second["J&F-Mean"] == data["J&F-Mean"] and second["frames"] == 10
     assert "skip one (1/2): done earlier" in again.stderr
     # other settings on the same output are refused
-    _one_error(
+    assert_one_error(
         _eval("--dataset", "davis16", "--root", root, "-o", out, "--size", "64"),
         "other settings", "size '480' (now '64')",
     )  # fmt: skip
@@ -129,14 +120,15 @@ def test_sequences_subset(tmp_path: Path, echo) -> None:  # noqa: F811
 
 def test_errors_are_one_line(tmp_path: Path) -> None:
     root = make_davis(tmp_path / "d", ("one",))
-    _one_error(_eval("--dataset", "davis18", "--root", root), "--dataset davis18", "davis16")
-    _one_error(_eval("--dataset", "davis16", "--root", tmp_path / "nope"),
-               "nope: dataset root not found")  # fmt: skip
-    _one_error(_eval("--dataset", "ytvos19", "--root", root), "use --dataset davis16 or davis17")
-    _one_error(_eval("--dataset", "davis16", "--root", root, "--sequences", "two"),
-               "no sequence named two")  # fmt: skip
-    _one_error(_eval("--dataset", "davis16", "--root", root, "--size", "32"), "--size 32")
-    _one_error(_eval("--dataset", "davis16", "--root", root, "--model", "big"), "--model big")
+    assert_one_error(_eval("--dataset", "davis18", "--root", root), "--dataset davis18", "davis16")
+    assert_one_error(_eval("--dataset", "davis16", "--root", tmp_path / "nope"),
+                     "nope: dataset root not found")  # fmt: skip
+    assert_one_error(_eval("--dataset", "ytvos19", "--root", root),
+                     "use --dataset davis16 or davis17")
+    assert_one_error(_eval("--dataset", "davis16", "--root", root, "--sequences", "two"),
+                     "no sequence named two")  # fmt: skip
+    assert_one_error(_eval("--dataset", "davis16", "--root", root, "--size", "32"), "--size 32")
+    assert_one_error(_eval("--dataset", "davis16", "--root", root, "--model", "big"), "--model big")
     assert not (Path.cwd() / "eval-davis16-val").exists()
 
 

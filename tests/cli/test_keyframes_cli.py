@@ -27,6 +27,7 @@ from s3cli.cli.main import app
 from s3cli.eval.scoring import score_folders
 from s3cli.io.masks import rle_decode
 from s3cli.keyframes import SPILL_PREFIX
+from tests.cli.helpers import assert_one_error, read_png
 from tests.conftest import REPO, SHARED, require_shared
 
 runner = CliRunner()
@@ -59,19 +60,6 @@ def _seg(*args: object):
                                *map(str, args)])
 
 
-def _png(path: Path) -> np.ndarray:
-    return np.array(Image.open(path))
-
-
-def _one_error(result, *needles: str) -> None:
-    assert result.exit_code == 1, result.output
-    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1, result.stderr
-    for n in needles:
-        assert n in lines[0], lines[0]
-    assert "Traceback" not in result.output
-
-
 def _no_spill(folder: Path) -> None:
     assert not list(folder.glob(f"{SPILL_PREFIX}*")), list(folder.iterdir())
 
@@ -88,20 +76,20 @@ def test_keyframes_every_frame_in_order(judo: Path, tmp_path: Path) -> None:
     assert summary["object_ids"] == [2, 3]
     assert sorted(p.stem for p in out.glob("*.png")) == [f"{t:05d}" for t in range(10)]
     for t, obj in ((5, 2), (8, 3)):  # keyframes exact
-        given = _png(judo / "masks" / f"{t:05d}.png") == obj
-        np.testing.assert_array_equal(_png(out / f"{t:05d}.png") == obj, given)
+        given = read_png(judo / "masks" / f"{t:05d}.png") == obj
+        np.testing.assert_array_equal(read_png(out / f"{t:05d}.png") == obj, given)
     # Frame order in the streams; both objects are known on every frame (tracked backward).
     lines = [json.loads(x) for x in (tmp_path / "o.jsonl").read_text().splitlines()]
     assert [x["frame"] for x in lines] == list(range(10))
     for x in lines:
         assert sorted(x["masks"]) == ["2", "3"]
-        png = _png(out / f"{x['name']}.png")
+        png = read_png(out / f"{x['name']}.png")
         for obj, rle in x["masks"].items():
             np.testing.assert_array_equal(rle_decode(rle, "x"), png == int(obj))
     with av.open(str(tmp_path / "o.mp4")) as c:
         assert sum(1 for _ in c.decode(video=0)) == 10
     np.testing.assert_array_equal(
-        _png(out / "binary" / "3" / "00002.png") == 255, _png(out / "00002.png") == 3
+        read_png(out / "binary" / "3" / "00002.png") == 255, read_png(out / "00002.png") == 3
     )
     with np.load(tmp_path / "scores" / "00001.npz") as z:
         assert z["prob"].shape == (3, 120, 214) and list(z["object_ids"]) == [2, 3]
@@ -114,7 +102,7 @@ def test_direction_forward_and_auto(judo: Path, tmp_path: Path) -> None:
              "-o", tmp_path / "f", "--json")
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["direction"] == "forward"
-    assert all(not _png(tmp_path / "f" / f"{t:05d}.png").any() for t in range(5))
+    assert all(not read_png(tmp_path / "f" / f"{t:05d}.png").any() for t in range(5))
     # With a mask on frame 0, auto is the forward loop: the same files as --direction forward.
     for name, extra in (("auto", []), ("fwd", ["--direction", "forward"])):
         r = _seg(judo / "frames", "--mask-dir", judo / "all", "--end", "6", "-o",
@@ -122,21 +110,21 @@ def test_direction_forward_and_auto(judo: Path, tmp_path: Path) -> None:
         assert r.exit_code == 0, r.output
         assert json.loads(r.stdout)["direction"] == "forward"
     for t in range(6):
-        np.testing.assert_array_equal(_png(tmp_path / "auto" / f"{t:05d}.png"),
-                                      _png(tmp_path / "fwd" / f"{t:05d}.png"))
+        np.testing.assert_array_equal(read_png(tmp_path / "auto" / f"{t:05d}.png"),
+                                      read_png(tmp_path / "fwd" / f"{t:05d}.png"))
     # Backward only: frames after the last keyframe are background.
     r = _seg(judo / "frames", "--mask", judo / "masks" / "00005.png", "--mask-frame", "5",
              "--direction", "backward", "-o", tmp_path / "b", "--json")
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["object_ids"] == [2]
-    assert (_png(tmp_path / "b" / "00005.png") == 2).any()
-    assert all(not _png(tmp_path / "b" / f"{t:05d}.png").any() for t in range(6, 10))
+    assert (read_png(tmp_path / "b" / "00005.png") == 2).any()
+    assert all(not read_png(tmp_path / "b" / f"{t:05d}.png").any() for t in range(6, 10))
 
 
 def test_bad_direction(judo: Path, tmp_path: Path) -> None:
     r = _seg(judo / "frames", "--mask-dir", judo / "masks", "--direction", "sideways",
              "-o", tmp_path / "o")
-    _one_error(r, "--direction sideways", "forward")
+    assert_one_error(r, "--direction sideways", "forward")
 
 
 def test_error_removes_spill_and_outputs(judo: Path, tmp_path: Path) -> None:
@@ -148,7 +136,7 @@ def test_error_removes_spill_and_outputs(judo: Path, tmp_path: Path) -> None:
     spill, out = tmp_path / "spill", tmp_path / "o"
     r = _seg(frames, "--mask-dir", judo / "masks", "-o", out, "--mp4", tmp_path / "o.mp4",
              "--spill-dir", spill)
-    _one_error(r, "00002.jpg: not a readable image")
+    assert_one_error(r, "00002.jpg: not a readable image")
     _no_spill(spill)
     assert list(out.iterdir()) == [] and not (tmp_path / "o.mp4").exists()
 
@@ -181,7 +169,7 @@ def test_video_backward_and_error_after_spilling(tmp_path: Path) -> None:
     assert sorted(p.stem for p in out.glob("*.png")) == [f"{t:05d}" for t in range(20)]
     # The backward pass followed the box back to the left (the lite model lags a little at
     # this size: a stride-8 grid of 8x12 cells).
-    first, given = _png(out / "00000.png") == 1, _png(out / "00010.png") == 1
+    first, given = read_png(out / "00000.png") == 1, read_png(out / "00010.png") == 1
     truth = np.zeros((64, 96), bool)
     truth[16:40, 4:28] = True
     assert (first & truth).sum() > 0.3 * truth.sum()
@@ -190,7 +178,7 @@ def test_video_backward_and_error_after_spilling(tmp_path: Path) -> None:
     # A mask on a frame the video does not have: found out after the frames were spilled.
     r = _seg(video, "--mask", tmp_path / "m.png", "--mask-frame", "30", "-o", tmp_path / "o2",
              "--spill-dir", spill)
-    _one_error(r, "v.mp4: no keyframe within the video's 20 frames")
+    assert_one_error(r, "v.mp4: no keyframe within the video's 20 frames")
     _no_spill(spill)
     assert not any((tmp_path / "o2").iterdir())
 
@@ -290,7 +278,7 @@ def test_middle_frame_mask_segments_every_frame(lite_runs: LiteRuns) -> None:
         # The frames before the middle come from the backward pass: the object is found in
         # nearly all of them (the lite model may lose it briefly, e.g. behind bmx-trees' trees).
         before = names[: len(names) // 2]
-        found = sum(_png(out / seq / n).any() for n in before)
+        found = sum(read_png(out / seq / n).any() for n in before)
         assert found >= 0.8 * len(before), (seq, found, len(before))
     jf = _jf(gt_root, lite_runs.tmp / "middle", MIDDLE)
     print(f"\nmiddle-frame mask, lite --size {SIZE}, J&F: "

@@ -24,6 +24,7 @@ from typer.testing import CliRunner
 from s3cli.cli.main import app
 from s3cli.io.masks import davis_palette, rle_decode
 from s3cli.model.registry import build_network
+from tests.cli.helpers import assert_one_error, read_png
 from tests.conftest import REPO, SHARED, require_shared
 
 runner = CliRunner()
@@ -39,19 +40,6 @@ def ckpt(tmp_path_factory) -> Path:
 
 def _seg(ckpt: Path, *args: str):
     return runner.invoke(app, ["segment", "--weights", str(ckpt), "--size", "64", *map(str, args)])
-
-
-def _png(path: Path) -> np.ndarray:
-    return np.array(Image.open(path))
-
-
-def _one_error(result, *needles: str) -> None:
-    assert result.exit_code == 1, result.output
-    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1, result.stderr
-    for n in needles:
-        assert n in lines[0], lines[0]
-    assert "Traceback" not in result.output and result.stdout == ""
 
 
 def _no_partial(folder: Path) -> None:
@@ -73,16 +61,16 @@ def test_judo_frames_objects_added_mid_video(ckpt: Path, tmp_path: Path) -> None
     assert [p.stem for p in pngs] == [f"{i:05d}" for i in range(16)]
     # Each object's id is present from the frame where its mask is given.
     for frame, obj in [(0, 1), (5, 2), (8, 3), (13, 4)]:
-        given = _png(JUDO / "masks" / f"{frame:05d}.png") == obj
-        written = _png(out / f"{frame:05d}.png")
+        given = read_png(JUDO / "masks" / f"{frame:05d}.png") == obj
+        written = read_png(out / f"{frame:05d}.png")
         assert (written[given] == obj).all()
-        assert all(not (_png(out / f"{t:05d}.png") == obj).any() for t in range(frame))
+        assert all(not (read_png(out / f"{t:05d}.png") == obj).any() for t in range(frame))
     # DAVIS-compatible palette PNGs, with the input's palette.
     im = Image.open(pngs[0])
     assert im.mode == "P" and bytes(im.getpalette()[:12]) == davis_palette()[:12]
     # Binary masks per object agree with the palette PNGs.
     np.testing.assert_array_equal(
-        _png(out / "binary" / "3" / "00010.png") == 255, _png(out / "00010.png") == 3
+        read_png(out / "binary" / "3" / "00010.png") == 255, read_png(out / "00010.png") == 3
     )
     # The mp4 decodes with the same frame count; the RLE lines decode back to the PNGs.
     with av.open(str(tmp_path / "judo.mp4")) as c:
@@ -91,7 +79,7 @@ def test_judo_frames_objects_added_mid_video(ckpt: Path, tmp_path: Path) -> None
     assert len(lines) == 16
     for line in lines:
         rec = json.loads(line)
-        png = _png(out / f"{rec['name']}.png")
+        png = read_png(out / f"{rec['name']}.png")
         for obj, rle in rec["masks"].items():
             np.testing.assert_array_equal(rle_decode(rle, "x"), png == int(obj))
     assert (out / ".s3-done.json").is_file()
@@ -111,7 +99,7 @@ def test_video_file_with_rle_mask(ckpt: Path, tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["object_ids"] == [7]
     assert len(list(out.glob("*.png"))) == 117
-    first = _png(out / "00000.png")
+    first = read_png(out / "00000.png")
     assert ((first == 7) == mask.astype(bool)).all()
     with av.open(str(tmp_path / "ex.mp4")) as c:
         stream = c.streams.video[0]
@@ -126,15 +114,15 @@ def test_frame_range_and_mask_frame(ckpt: Path, tmp_path: Path) -> None:
                   "--direction", "forward")
     assert result.exit_code == 0, result.output
     assert sorted(p.stem for p in out.glob("*.png")) == [f"{i:05d}" for i in range(3, 9)]
-    assert not _png(out / "00004.png").any() and (_png(out / "00005.png") == 2).any()
+    assert not read_png(out / "00004.png").any() and (read_png(out / "00005.png") == 2).any()
     # The default (auto) segments the frames before the mask too, by a backward pass.
     both = tmp_path / "b"
     result = _seg(ckpt, JUDO / "frames", "--mask", JUDO / "masks" / "00005.png",
                   "--mask-frame", "5", "--start", "3", "--end", "9", "-o", both, "--json")
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["direction"] == "both"
-    assert _png(both / "00004.png").any()
-    assert (_png(both / "00005.png") == _png(out / "00005.png")).all()
+    assert read_png(both / "00004.png").any()
+    assert (read_png(both / "00005.png") == read_png(out / "00005.png")).all()
 
 
 def test_batch_with_shards_and_skip_done(ckpt: Path, tmp_path: Path) -> None:
@@ -173,14 +161,14 @@ def test_batch_failure_sets_exit_code(ckpt: Path, tmp_path: Path) -> None:
 
 def test_missing_input(ckpt: Path, tmp_path: Path) -> None:
     r = _seg(ckpt, tmp_path / "nope.mp4", "--mask", JUDO / "masks" / "00000.png", "-o", tmp_path)
-    _one_error(r, "nope.mp4: no such file")
+    assert_one_error(r, "nope.mp4: no such file")
 
 
 def test_corrupt_video(ckpt: Path, tmp_path: Path) -> None:
     bad = tmp_path / "bad.mp4"
     bad.write_bytes(os.urandom(20000))
     r = _seg(ckpt, bad, "--mask", JUDO / "masks" / "00000.png", "-o", tmp_path / "o")
-    _one_error(r, "bad.mp4: not a readable video")
+    assert_one_error(r, "bad.mp4: not a readable video")
     _no_partial(tmp_path / "o")
 
 
@@ -190,7 +178,7 @@ def test_truncated_video(ckpt: Path, tmp_path: Path) -> None:
     cut.write_bytes(video.read_bytes()[: video.stat().st_size // 3])
     r = _seg(ckpt, cut, "--mask", JUDO / "masks" / "00000.png", "--resize-mask", "-o",
              tmp_path / "o", "--mp4", tmp_path / "o.mp4")
-    _one_error(r, "cut.mp4")
+    assert_one_error(r, "cut.mp4")
     assert not (tmp_path / "o.mp4").exists()
     _no_partial(tmp_path)
 
@@ -199,7 +187,7 @@ def test_mask_of_wrong_size(ckpt: Path, tmp_path: Path) -> None:
     small = tmp_path / "small.png"
     Image.open(JUDO / "masks" / "00000.png").resize((100, 60)).save(small)
     r = _seg(ckpt, JUDO / "frames", "--mask", small, "-o", tmp_path / "o")
-    _one_error(r, "small.png: mask is 100x60 but the video is 854x480", "--resize-mask")
+    assert_one_error(r, "small.png: mask is 100x60 but the video is 854x480", "--resize-mask")
     r = _seg(ckpt, JUDO / "frames", "--mask", small, "--resize-mask", "--end", "2",
              "-o", tmp_path / "o")
     assert r.exit_code == 0, r.output
@@ -230,26 +218,26 @@ def test_palette_with_unknown_ids(ckpt: Path, tmp_path: Path) -> None:
     arr[100:200, 100:200] = 5
     _raw_palette_png(tmp_path / "pal.png", arr, [0, 0, 0, 255, 0, 0])
     r = _seg(ckpt, JUDO / "frames", "--mask", tmp_path / "pal.png", "-o", tmp_path / "o")
-    _one_error(r, "pal.png: value 5 has no colour", "palette")
+    assert_one_error(r, "pal.png: value 5 has no colour", "palette")
 
 
 def test_invalid_rle(ckpt: Path, tmp_path: Path) -> None:
     (tmp_path / "m.json").write_text('{"size": [480, 854], "counts": "@@@@"}')
     r = _seg(ckpt, JUDO / "frames", "--mask", tmp_path / "m.json", "-o", tmp_path / "o")
-    _one_error(r, "m.json", "invalid RLE")
+    assert_one_error(r, "m.json", "invalid RLE")
 
 
 def test_empty_mask(ckpt: Path, tmp_path: Path) -> None:
     Image.fromarray(np.zeros((480, 854), np.uint8), mode="L").save(tmp_path / "e.png")
     r = _seg(ckpt, JUDO / "frames", "--mask", tmp_path / "e.png", "-o", tmp_path / "o")
-    _one_error(r, "e.png: the mask is empty")
+    assert_one_error(r, "e.png: the mask is empty")
 
 
 def test_unwritable_output(ckpt: Path, tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("x")
     r = _seg(ckpt, JUDO / "frames", "--mask", JUDO / "masks" / "00000.png", "-o", blocker / "o")
-    _one_error(r, f"{blocker / 'o'}: cannot write here")
+    assert_one_error(r, f"{blocker / 'o'}: cannot write here")
 
 
 def test_error_keeps_earlier_results(ckpt: Path, tmp_path: Path) -> None:
@@ -265,8 +253,8 @@ def test_error_keeps_earlier_results(ckpt: Path, tmp_path: Path) -> None:
     (frames / "00003.jpg").write_bytes(b"corrupt")
     r = _seg(ckpt, frames, "--mask", JUDO / "masks" / "00000.png", "-o", out, "--mp4",
              tmp_path / "o.mp4")
-    _one_error(r, "00003.jpg: not a readable image")
-    np.testing.assert_array_equal(_png(out / "00000.png"), earlier)
+    assert_one_error(r, "00003.jpg: not a readable image")
+    np.testing.assert_array_equal(read_png(out / "00000.png"), earlier)
     assert sorted(p.name for p in out.iterdir()) == ["00000.png"]
     assert (tmp_path / "o.mp4").read_bytes() == b"earlier video"
 

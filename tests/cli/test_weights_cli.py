@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 
 from s3cli.cli.main import app
 from s3cli.model.registry import build_network
+from tests.cli.helpers import assert_one_error
 
 runner = CliRunner()
 
@@ -20,15 +21,6 @@ def small_ckpt(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("ck") / "small.pth"
     torch.save(build_network("cutie-small", synthetic=True).state_dict(), path)
     return path
-
-
-def _one_error_line(result, needle: str) -> None:
-    assert result.exit_code == 1, result.output
-    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1, result.stderr
-    assert needle in lines[0]
-    assert "Traceback" not in result.output
-    assert result.stdout == ""
 
 
 def test_check_ok(small_ckpt: Path) -> None:
@@ -41,23 +33,23 @@ def test_check_ok(small_ckpt: Path) -> None:
 def test_check_truncated(small_ckpt: Path, tmp_path: Path) -> None:
     cut = tmp_path / "cut.pth"
     cut.write_bytes(small_ckpt.read_bytes()[:100_000])
-    _one_error_line(runner.invoke(app, ["weights", "check", str(cut)]), f"{cut}: not a readable")
+    assert_one_error(runner.invoke(app, ["weights", "check", str(cut)]), f"{cut}: not a readable")
 
 
 def test_check_not_a_checkpoint(tmp_path: Path) -> None:
     bad = tmp_path / "bad.pth"
     bad.write_text("not a model")
-    _one_error_line(runner.invoke(app, ["weights", "check", str(bad)]), f"{bad}: not a readable")
+    assert_one_error(runner.invoke(app, ["weights", "check", str(bad)]), f"{bad}: not a readable")
 
 
 def test_check_wrong_model(small_ckpt: Path) -> None:
     result = runner.invoke(app, ["weights", "check", "--model", "cutie-base", str(small_ckpt)])
-    _one_error_line(result, "is a cutie-small checkpoint, not cutie-base")
+    assert_one_error(result, "is a cutie-small checkpoint, not cutie-base")
 
 
 def test_check_missing(tmp_path: Path) -> None:
     result = runner.invoke(app, ["weights", "check", str(tmp_path / "none.pth")])
-    _one_error_line(result, "no such checkpoint file")
+    assert_one_error(result, "no such checkpoint file")
 
 
 def test_list_json() -> None:
@@ -111,18 +103,18 @@ def test_fetch_rejects_wrong_content(http_root, small_ckpt: Path, tmp_path: Path
     dest = tmp_path / "w"
     r = runner.invoke(app, ["weights", "fetch", "cutie-base-nomose.pth", "--dest", str(dest),
                             "--mirror", url])
-    _one_error_line(r, "is a cutie-small checkpoint, not cutie-base")
+    assert_one_error(r, "is a cutie-small checkpoint, not cutie-base")
     r = runner.invoke(app, ["weights", "fetch", "cutie-base-mega", "--dest", str(dest),
                             "--mirror", url])
-    _one_error_line(r, "got 1000 bytes, the official cutie-base-mega.pth has 140443788")
+    assert_one_error(r, "got 1000 bytes, the official cutie-base-mega.pth has 140443788")
     r = runner.invoke(app, ["weights", "fetch", "cutie-small-wmose", "--dest", str(dest),
                             "--mirror", url])
-    _one_error_line(r, "download failed")
+    assert_one_error(r, "download failed")
     assert list(dest.iterdir()) == []
 
 
 def test_fetch_unknown_and_unpublished(tmp_path: Path) -> None:
     r = runner.invoke(app, ["weights", "fetch", "nothing", "--dest", str(tmp_path)])
-    _one_error_line(r, "nothing: not a known checkpoint")
+    assert_one_error(r, "nothing: not a known checkpoint")
     r = runner.invoke(app, ["weights", "fetch", "s3-base.pth", "--dest", str(tmp_path)])
-    _one_error_line(r, "no download address has been published")
+    assert_one_error(r, "no download address has been published")
