@@ -264,15 +264,16 @@ def _jf(gt_root: Path, pred_root: Path, seqs: tuple[str, ...]) -> dict[str, floa
     return {s.name: s.summary.jf_mean for s in report.sequences}
 
 
-MIDDLE = ("blackswan", "car-shadow", "motocross-jump")
-"""Sequences of the middle-frame run here (the three shortest, for CI time; the benchmark
-script runs all seven)."""
+SEQUENCES = ("blackswan", "car-shadow", "motocross-jump", "breakdance", "bmx-trees", "camel",
+             "soapbox")
+"""The seven davis16-mini sequences."""
 
 
 def test_middle_frame_mask_segments_every_frame(lite_runs: LiteRuns) -> None:
     gt_root = DAVIS / "Annotations" / "480p"
-    for seq in MIDDLE:
+    for seq in SEQUENCES:
         out = lite_runs("middle", seq)
+        lite_runs("frame0", seq)
         names = sorted(p.name for p in (gt_root / seq).glob("*.png"))
         assert sorted(p.name for p in (out / seq).glob("*.png")) == names, seq
         # The frames before the middle come from the backward pass: the object is found in
@@ -280,11 +281,14 @@ def test_middle_frame_mask_segments_every_frame(lite_runs: LiteRuns) -> None:
         before = names[: len(names) // 2]
         found = sum(read_png(out / seq / n).any() for n in before)
         assert found >= 0.8 * len(before), (seq, found, len(before))
-    jf = _jf(gt_root, lite_runs.tmp / "middle", MIDDLE)
-    print(f"\nmiddle-frame mask, lite --size {SIZE}, J&F: "
-          + ", ".join(f"{k} {100 * v:.1f}" for k, v in jf.items())
-          + f"; mean {100 * np.mean(list(jf.values())):.1f}")
-    assert np.mean(list(jf.values())) > 0.25
+    middle = _jf(gt_root, lite_runs.tmp / "middle", SEQUENCES)
+    frame0 = _jf(gt_root, lite_runs.tmp / "frame0", SEQUENCES)
+    print(f"\nlite --size {SIZE}, J&F, middle-frame mask / frame-0 mask: "
+          + ", ".join(f"{k} {100 * middle[k]:.1f} / {100 * frame0[k]:.1f}" for k in SEQUENCES)
+          + f"; mean {100 * np.mean(list(middle.values())):.1f} / "
+          f"{100 * np.mean(list(frame0.values())):.1f}")
+    # Starting in the middle loses little against starting on frame 0 (at 480p: 68.2 / 68.4).
+    assert np.mean(list(middle.values())) > np.mean(list(frame0.values())) - 0.1
 
 
 def test_first_and_last_keyframes_beat_forward_only(lite_runs: LiteRuns) -> None:
