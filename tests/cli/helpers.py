@@ -24,3 +24,11 @@ def assert_one_error(result, *needles: str) -> None:
         assert needle in lines[0], lines[0]
     assert "Traceback" not in result.output
     assert result.stdout == ""
+
+
+def default_sigint() -> None:
+    """``preexec_fn`` for a child that must see Ctrl-C: a shell runs background jobs with SIGINT
+    ignored, and Python then installs no KeyboardInterrupt handler; restore the default."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

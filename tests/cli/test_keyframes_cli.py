@@ -27,7 +27,7 @@ from s3cli.cli.main import app
 from s3cli.eval.scoring import score_folders
 from s3cli.io.masks import rle_decode
 from s3cli.keyframes import SPILL_PREFIX
-from tests.cli.helpers import assert_one_error, read_png
+from tests.cli.helpers import assert_one_error, default_sigint, read_png
 from tests.conftest import REPO, SHARED, require_shared
 
 runner = CliRunner()
@@ -193,7 +193,8 @@ def test_ctrl_c_removes_spill(tmp_path: Path) -> None:
     cmd = [sys.executable, "-m", "s3cli", "segment", str(video), "--mask", str(tmp_path / "m.png"),
            "--mask-frame", "60", "--model", "lite", "--size", "64", "--device", "cpu",
            "-o", str(out), "--mp4", str(tmp_path / "o.mp4"), "--spill-dir", str(spill)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                            preexec_fn=default_sigint)
     deadline = time.time() + 120
     while time.time() < deadline:  # wait until the backward pass stores its results
         if any(spill.glob(f"{SPILL_PREFIX}*/prob*")):

@@ -24,7 +24,7 @@ from typer.testing import CliRunner
 from s3cli.cli.main import app
 from s3cli.io.masks import davis_palette, rle_decode
 from s3cli.model.registry import build_network
-from tests.cli.helpers import assert_one_error, read_png
+from tests.cli.helpers import assert_one_error, default_sigint, read_png
 from tests.conftest import REPO, SHARED, require_shared
 
 runner = CliRunner()
@@ -268,7 +268,8 @@ def test_ctrl_c_leaves_no_partial_output(ckpt: Path, tmp_path: Path) -> None:
     env = dict(os.environ, PYTHONPATH=str(REPO))
     cmd = [sys.executable, "-m", "s3cli", "segment", str(video), "--mask", str(tmp_path / "m.png"),
            "--weights", str(ckpt), "--size", "64", "-o", str(out), "--mp4", str(tmp_path / "o.mp4")]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                            preexec_fn=default_sigint)
     deadline = time.time() + 120
     while time.time() < deadline:  # wait until frames are being written to the staging area
         if any(out.glob(".s3-partial-*/*.png")):
