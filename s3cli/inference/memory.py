@@ -77,6 +77,28 @@ def get_similarity(
     return similarity / math.sqrt(num_channels)
 
 
+def _block_similarity(
+    mem_key_t: torch.Tensor,
+    mem_key_sq_t: torch.Tensor,
+    mem_shrink: torch.Tensor,
+    query_key: torch.Tensor,
+    query_selection: torch.Tensor,
+) -> torch.Tensor:
+    """``get_similarity`` with selection and shrinkage, bit for bit, for inference: in place on
+    one fresh (B, T, q) tensor instead of six, the squared memory keys computed once per read.
+
+    mem_key_t, mem_key_sq_t: (B, T, CK) (the keys and their squares, transposed views);
+    mem_shrink: (B, T, 1); query_key, query_selection: (B, CK, q). Each step rounds exactly as
+    ``-a^2 + 2ab - b^2`` does: ``2 (K^T Q) = K^T (2 Q)`` exactly (a power-of-two scale), and
+    ``-a + x`` is ``x - a`` in IEEE arithmetic.
+    """
+    num_channels = mem_key_t.shape[-1]
+    similarity = mem_key_t @ (2 * (query_key * query_selection))  # (B, T, q): 2ab
+    similarity.sub_(mem_key_sq_t @ query_selection)  # -a^2 + 2ab
+    similarity.sub_((query_selection * query_key.pow(2)).sum(1, keepdim=True))  # - b^2
+    return similarity.mul_(mem_shrink).div_(math.sqrt(num_channels))
+
+
 def do_softmax(similarity: torch.Tensor, top_k: int | None = None) -> torch.Tensor:
     """Softmax over memory tokens (dim 1) of a (B, T, HW) similarity.
 
@@ -136,15 +158,27 @@ def topk_affinity(
     tokens, queries = mem_key.shape[-1], query_key.shape[-1]
     k = min(top_k, tokens)
     step = step or query_chunk(tokens, queries)
+    fast = mem_shrinkage is not None and query_selection is not None
+    if fast:
+        mem_key_t = mem_key.flatten(start_dim=2).transpose(1, 2)  # (B, T, CK)
+        mem_key_sq_t = mem_key_t.pow(2)  # (B, T, CK), once for every block
+        mem_shrink = mem_shrinkage.flatten(start_dim=1).unsqueeze(2)  # (B, T, 1)
     weights, indices = [], []
     for q0 in range(0, queries, step):
         q1 = min(queries, q0 + step)
-        sim = get_similarity(
-            mem_key,
-            mem_shrinkage,
-            query_key[..., q0:q1],
-            query_selection[..., q0:q1] if query_selection is not None else None,
-        )  # (B, T, q)
+        if fast:
+            assert query_selection is not None
+            sim = _block_similarity(
+                mem_key_t, mem_key_sq_t, mem_shrink, query_key[..., q0:q1],
+                query_selection[..., q0:q1],
+            )  # (B, T, q)
+        else:
+            sim = get_similarity(
+                mem_key,
+                mem_shrinkage,
+                query_key[..., q0:q1],
+                query_selection[..., q0:q1] if query_selection is not None else None,
+            )  # (B, T, q)
         top, idx = torch.topk(sim, k=k, dim=1)  # (B, k, q)
         del sim
         top = top.exp_()  # no max subtraction, as the official code

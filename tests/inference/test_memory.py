@@ -13,6 +13,7 @@ from s3cli.inference.memory import (
     EvictionEvent,
     MemoryManager,
     _Affinity,
+    _block_similarity,
     dense_affinity,
     do_softmax,
     get_similarity,
@@ -48,6 +49,23 @@ def test_similarity_is_negative_weighted_distance() -> None:
     plain = get_similarity(mk, None, qk, None)
     ref = (-(mk.pow(2).sum(1)).unsqueeze(2) + 2 * mk.transpose(1, 2) @ qk) / math.sqrt(CK)
     assert torch.allclose(plain, ref)
+
+
+def test_inference_similarity_is_bit_identical_to_the_official_form() -> None:
+    """The readout's in-place similarity rounds exactly as ``-a^2 + 2ab - b^2`` (a reordered
+    computation could flip the near-ties the fixture runs contain)."""
+    g = torch.Generator().manual_seed(3)
+    mk = torch.randn(2, CK, 1000, generator=g) * 3
+    ms = 1 + torch.rand(2, 1, 1000, generator=g) * 5
+    qk = torch.randn(2, CK, 300, generator=g) * 3
+    qe = torch.rand(2, CK, 300, generator=g)
+    mk_t = mk.transpose(1, 2)
+    block = _block_similarity(mk_t, mk_t.pow(2), ms.transpose(1, 2), qk, qe)
+    assert torch.equal(block, get_similarity(mk, ms, qk, qe))
+    weights, indices = topk_affinity(mk, ms, qk, qe, 30)
+    top, idx = torch.topk(get_similarity(mk, ms, qk, qe), k=30, dim=1)
+    assert torch.equal(indices, idx)
+    assert torch.equal(weights, top.exp() / top.exp().sum(dim=1, keepdim=True))
 
 
 def test_top_k_softmax_keeps_k_entries_without_max_subtraction() -> None:
