@@ -158,27 +158,27 @@ def topk_affinity(
     tokens, queries = mem_key.shape[-1], query_key.shape[-1]
     k = min(top_k, tokens)
     step = step or query_chunk(tokens, queries)
-    fast = mem_shrinkage is not None and query_selection is not None
-    if fast:
+    if mem_shrinkage is not None and query_selection is not None:
+        selection = query_selection
         mem_key_t = mem_key.flatten(start_dim=2).transpose(1, 2)  # (B, T, CK)
         mem_key_sq_t = mem_key_t.pow(2)  # (B, T, CK), once for every block
         mem_shrink = mem_shrinkage.flatten(start_dim=1).unsqueeze(2)  # (B, T, 1)
+
+        def similarity(q0: int, q1: int) -> torch.Tensor:
+            return _block_similarity(
+                mem_key_t, mem_key_sq_t, mem_shrink, query_key[..., q0:q1],
+                selection[..., q0:q1],
+            )
+    else:
+
+        def similarity(q0: int, q1: int) -> torch.Tensor:
+            sel = query_selection[..., q0:q1] if query_selection is not None else None
+            return get_similarity(mem_key, mem_shrinkage, query_key[..., q0:q1], sel)
+
     weights, indices = [], []
     for q0 in range(0, queries, step):
         q1 = min(queries, q0 + step)
-        if fast:
-            assert query_selection is not None
-            sim = _block_similarity(
-                mem_key_t, mem_key_sq_t, mem_shrink, query_key[..., q0:q1],
-                query_selection[..., q0:q1],
-            )  # (B, T, q)
-        else:
-            sim = get_similarity(
-                mem_key,
-                mem_shrinkage,
-                query_key[..., q0:q1],
-                query_selection[..., q0:q1] if query_selection is not None else None,
-            )  # (B, T, q)
+        sim = similarity(q0, q1)  # (B, T, q)
         top, idx = torch.topk(sim, k=k, dim=1)  # (B, k, q)
         del sim
         top = top.exp_()  # no max subtraction, as the official code
