@@ -18,7 +18,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from s3cli.inference.allocator import release_freed_memory
+from s3cli.inference.allocator import fix_mmap_threshold, release_freed_memory
 from s3cli.inference.config import InferenceConfig
 from s3cli.inference.memory import MemoryManager
 from s3cli.inference.objects import (
@@ -175,6 +175,8 @@ class Tracker:
         self.dtype = param.dtype
         self._stagger = _stagger_offsets(self.config.mem_every, self.config.stagger_updates)
         self.state = self._init_state()
+        if self.config.use_long_term and self.device.type == "cpu":
+            fix_mmap_threshold()  # long videos: keep the heap from fragmenting (allocator.py)
 
     def _init_state(self) -> TrackerState:
         memory = MemoryManager(self.config, sensory_dim=self.network.sensory_dim)
