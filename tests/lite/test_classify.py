@@ -49,3 +49,25 @@ def test_unknown_and_empty_cells_count_for_no_label() -> None:
     values[2:] = 0
     out = classify_labels(query, keys, values, index, 1, 0.05, valid, frame_cells=2)
     assert float(out[0, 0, 1]) > 0.99
+
+
+def test_window_topk_in_chunks_equals_one_topk(monkeypatch) -> None:
+    """Chunked matching (a few tiles at a time) picks the same cells as one top-k over the
+    whole (A, Q, R) tensor (affinities equal up to the matrix product's rounding), excluded
+    cells never picked."""
+    from s3cli.lite import propagation
+
+    gen = torch.Generator().manual_seed(0)
+    keys = torch.nn.functional.normalize(torch.randn(500, 16, generator=gen), dim=-1)
+    queries = torch.nn.functional.normalize(torch.randn(7, 9, 16, generator=gen), dim=-1)
+    index = torch.randint(0, 500, (7, 40), generator=gen)
+    exclude = torch.rand(500, generator=gen) < 0.3
+    affinity = propagation.window_affinity(queries, keys, index)
+    affinity.masked_fill_(exclude[index][:, None, :], -2.0)
+    expected = torch.topk(affinity, 12, dim=-1)
+    monkeypatch.setattr(propagation, "CHUNK_ELEMENTS", 2 * 9 * 40)  # 2 tiles per chunk
+    top, pos = propagation.window_topk(queries, keys, index, 12, exclude=exclude)
+    torch.testing.assert_close(top, expected.values, rtol=0, atol=1e-6)
+    assert torch.equal(pos, expected.indices)
+    picked = torch.gather(index, 1, pos.reshape(7, -1))
+    assert not bool(exclude[picked].any())
