@@ -63,10 +63,22 @@ def load_frames() -> tuple[list[np.ndarray], dict[int, np.ndarray]]:
 
 
 def first_mask(masks: dict[int, np.ndarray], objects: int) -> np.ndarray:
-    """Objects 1..n from the judo annotations placed into frame 0's mask."""
+    """Objects 1..n in frame 0's mask: the judo annotations (objects 2-4 taken from the frames
+    they appear in); past 4 objects, the right halves of objects 1, 2, ... become objects 5, 6,
+    ... (so 8 objects are 8 regions of the people in the clip)."""
     mask = masks[0].astype(np.int64).copy()
     for obj, frame in ((2, 5), (3, 8), (4, 13))[: max(0, objects - 1)]:
         mask[(masks[frame] == obj) & (mask == 0)] = obj
+    for new in range(5, objects + 1):
+        part = mask == new - 4
+        cols = np.nonzero(part.any(axis=0))[0]
+        if len(cols) < 2:
+            raise SystemExit(f"cannot split object {new - 4} into two for {objects} objects")
+        right = part.copy()
+        right[:, : (cols[0] + cols[-1] + 1) // 2] = False
+        mask[right] = new
+    if len(np.unique(mask)) - 1 != objects:
+        raise SystemExit(f"the judo clip gives {len(np.unique(mask)) - 1} objects, not {objects}")
     return mask
 
 
