@@ -10,7 +10,7 @@ process; the backbone features are cached across variants (``--no-cache`` to swi
 so timings are only meaningful for the first variant or with ``--no-cache``.
 
 Usage: ``python benchmarks/lite_davis.py [--root ../shared/data/davis16-mini] [--variant final]
-[--set key=value ...] [--frames N] [--json out.json]``
+[--set key=value ...] [--frames N] [--precision fp32|bf16] [--json out.json]``
 """
 
 from __future__ import annotations
@@ -86,16 +86,22 @@ def read_frames(
 
 
 def track_sequence(
-    model: LiteModel, frames: list[np.ndarray], first_mask: np.ndarray, options: dict[str, Any]
+    model: LiteModel,
+    frames: list[np.ndarray],
+    first_mask: np.ndarray,
+    options: dict[str, Any],
+    precision: str = "fp32",
 ) -> tuple[list[np.ndarray], float]:
-    """Index-mask predictions of every frame and the tracking time in seconds."""
+    """Index-mask predictions of every frame and the tracking time in seconds (``precision``
+    bf16: each step under CPU autocast, as ``s3 segment --precision bf16`` runs it)."""
     tracker = LiteTracker(model, **options)
     preds = []
     start = time.perf_counter()
     for i, frame in enumerate(frames):
         if isinstance(model, CachedModel):
             model.current = (model.current[0], i)
-        prob = tracker.step(frame, first_mask if i == 0 else None, end=i == len(frames) - 1)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            prob = tracker.step(frame, first_mask if i == 0 else None, end=i == len(frames) - 1)
         preds.append(tracker.to_index_mask(prob).numpy().astype(np.uint8))
     return preds, time.perf_counter() - start
 
@@ -117,13 +123,14 @@ def evaluate(
     limit: int | None,
     sequences: tuple[str, ...] = SEQUENCES,
     verbose: bool = True,
+    precision: str = "fp32",
 ) -> dict[str, Any]:
     rows = {}
     for seq in sequences:
         frames, gts = read_frames(root, seq, limit)
         if isinstance(model, CachedModel):
             model.current = (seq, 0)
-        preds, seconds = track_sequence(model, frames, gts[0], options)
+        preds, seconds = track_sequence(model, frames, gts[0], options, precision)
         j, f = score_sequence(preds, gts)
         rows[seq] = {
             "J": j,
@@ -166,6 +173,7 @@ def main() -> None:
     parser.add_argument("--seq", action="append", default=None)
     parser.add_argument("--no-cache", action="store_true")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     args = parser.parse_args()
 
     extra = {}
@@ -181,7 +189,7 @@ def main() -> None:
     for name in variants:
         options = {**VARIANTS[name], **extra}
         print(f"variant {name}: {options}", flush=True)
-        res = evaluate(model, args.root, options, args.frames, sequences)
+        res = evaluate(model, args.root, options, args.frames, sequences, precision=args.precision)
         m = res["mean"]
         print(
             f"  {'mean':15s} J {100 * m['J']:5.1f}  F {100 * m['F']:5.1f}"

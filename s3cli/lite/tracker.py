@@ -432,10 +432,16 @@ class LiteTracker:
         if state.grid is None:
             state.grid = TileGrid(hp // STRIDE, wp // STRIDE, cfg.tile)
 
+        # Under autocast (``--precision bf16``) only the backbone runs in low precision: keys,
+        # affinities, their ranking and the labels stay float32 (bf16 affinities cost 0.8
+        # seven-sequence J&F in benchmarks/lite_davis.py).
         feats = self.model.features(img[None], expanded=cfg.features == "expanded")
-        key = self._keys(feats)  # (h, w, C)
-        need_propagation = bool(tracked) and (mask_t is None or not set(tracked) <= set(given))
-        prob8 = self._propagate(key) if need_propagation else None  # (K, h, w)
+        with torch.autocast(self.device.type, enabled=False):
+            key = self._keys(feats)  # (h, w, C)
+            need_propagation = bool(tracked) and (
+                mask_t is None or not set(tracked) <= set(given)
+            )
+            prob8 = self._propagate(key) if need_propagation else None  # (K, h, w)
 
         if mask_t is not None:
             new_ids = state.objects.add(given)

@@ -218,3 +218,19 @@ def test_no_state_in_the_model(model: LiteModel, judo) -> None:
         a.step(frame)
     pb = b.step(frames[1])
     torch.testing.assert_close(pa, pb)
+
+
+def test_bf16_autocast_runs_only_the_backbone_in_bf16(model: LiteModel, judo) -> None:
+    """Under CPU bf16 autocast (``--precision bf16``) keys and labels stay float32 and the
+    masks match the float32 run's."""
+    frames, masks = judo
+    runs = []
+    for enabled in (False, True):
+        tracker = LiteTracker(model, max_internal_size=SIZE)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
+            for i, frame in enumerate(frames[:5]):
+                prob = tracker.step(frame, masks[0] if i == 0 else None)
+        assert prob.dtype == torch.float32
+        assert all(m.key.dtype == m.value.dtype == torch.float32 for m in tracker.state.frames())
+        runs.append(tracker.to_index_mask(prob).numpy())
+    assert _iou(runs[0] == 1, runs[1] == 1) > 0.95
