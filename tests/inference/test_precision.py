@@ -41,3 +41,26 @@ def test_bf16_run_close_to_fp32_and_readout_in_fp32(monkeypatch) -> None:
     # Later frames were really computed in bf16 (synthetic weights exaggerate the difference;
     # accuracy in bf16 is measured with the lite model on real data, benchmarks/speed.py).
     assert not torch.equal(bf16[1:], probs["fp32"][1:])
+
+
+def test_object_summaries_stay_float32_under_autocast() -> None:
+    """As in the official code, the object summariser's prediction heads and pooling run in
+    float32 under autocast (also inside a dispatch mode such as the FLOP counter, where mixed
+    bf16/float32 operands used to fail)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from s3cli.model.transformer.object_summarizer import ObjectSummarizer
+
+    torch.manual_seed(0)
+    summarizer = ObjectSummarizer(
+        value_dim=32, embed_dim=16, num_summaries=8, pe_scale=32.0, pe_temperature=10000.0
+    ).eval()
+    masks = (torch.rand(1, 2, 32, 48) > 0.5).float()
+    value = torch.randn(1, 2, 32, 8, 12)
+    with torch.inference_mode():
+        ref, _ = summarizer(masks, value)
+        with torch.autocast("cpu", dtype=torch.bfloat16), FlopCounterMode(display=False):
+            out, _ = summarizer(masks, value)
+    assert out.dtype == torch.float32
+    # Only the input projection ran in bf16: the result is close to the float32 one.
+    torch.testing.assert_close(out, ref, rtol=0.05, atol=0.05)

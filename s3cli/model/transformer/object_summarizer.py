@@ -50,11 +50,14 @@ class ObjectSummarizer(nn.Module):
         )  # (B, N, h, w, Q)
         x = self.input_proj(value.permute(0, 1, 3, 4, 2))  # (B, N, h, w, C)
         x = x + self.pos_enc(h, w, x.dtype, x.device)
-        x = x.float()
-        feature = self.feature_pred(x)
-        logits = self.weights_pred(x)
-        weights = logits.sigmoid() * allowed  # (B, N, h, w, Q)
-        sums = torch.einsum("bkhwq,bkhwc->bkqc", weights, feature)  # (B, N, Q, C)
-        area = weights.flatten(2, 3).sum(2).unsqueeze(-1)  # (B, N, Q, 1)
+        # The summaries are float32 also under autocast (as in the official code, which turns
+        # CUDA autocast off here): the weights and pooled sums are precision-sensitive.
+        with torch.autocast(x.device.type, enabled=False):
+            x = x.float()
+            feature = self.feature_pred(x)
+            logits = self.weights_pred(x)
+            weights = logits.sigmoid() * allowed  # (B, N, h, w, Q)
+            sums = torch.einsum("bkhwq,bkhwc->bkqc", weights, feature)  # (B, N, Q, C)
+            area = weights.flatten(2, 3).sum(2).unsqueeze(-1)  # (B, N, Q, 1)
         summaries = torch.cat([sums, area], dim=-1)
         return summaries, (logits if need_weights else None)
