@@ -5,7 +5,8 @@ weights) on the bundled judo clip (854x480, 16 frames, looped), mem_every 5, lon
 on: seconds per frame (median of steady frames; frames that only segment and frames that also
 memorise reported apart), GFLOP per frame (torch.utils.flop_counter), the best fp32/bf16 matmul
 throughput measured in the same run (torch.matmul and a oneDNN path, the higher taken), the
-fraction of the floor (GFLOP / throughput) reached, and peak RSS. A table on stderr, --json on
+fraction of the floor (GFLOP / throughput) reached, and peak RSS (each setting runs in its own
+process, so the peak is its own). A table on stderr, --json on
 stdout.
 
     python benchmarks/speed.py [--models cutie-small lite] [--objects 1 3] [--frames 24]
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import multiprocessing
 import resource
 import sys
 import time
@@ -114,6 +116,13 @@ def count_gflops(name: str, mask: np.ndarray, frames: list[np.ndarray]) -> dict[
     return flops
 
 
+def bench_in_child(
+    name: str, objects: int, n_frames: int, precision: str, compile_: bool, threads: int
+) -> dict:
+    torch.set_num_threads(threads)
+    return bench(name, objects, n_frames, precision, compile_)
+
+
 def bench(name: str, objects: int, n_frames: int, precision: str, compile_: bool) -> dict:
     frames, masks = load_frames()
     mask = first_mask(masks, objects)
@@ -161,9 +170,13 @@ def main() -> None:
     # by up to 2x from minute to minute): the better figure gives the floor.
     before = machine_gflops(dtype)
     rows = []
+    spawn = multiprocessing.get_context("spawn")
     for name in args.models:
         for objects in args.objects:
-            rows.append(bench(name, objects, args.frames, args.precision, args.compile))
+            # A fresh process per setting, so that its peak RSS is its own.
+            with spawn.Pool(1) as pool:
+                job = (name, objects, args.frames, args.precision, args.compile, args.threads)
+                rows.append(pool.apply(bench_in_child, job))
             print(f"{name} {objects} obj: {rows[-1]['s_per_frame']:.3f} s/frame", file=sys.stderr)
     after = machine_gflops(dtype)
     peak = {k: max(before[k], after[k]) for k in before}

@@ -39,7 +39,8 @@ def test_bf16_run_close_to_fp32_and_readout_in_fp32(monkeypatch) -> None:
     # The annotated frame comes from the mask alone: identical in both precisions.
     torch.testing.assert_close(bf16[0], probs["fp32"][0])
     # Later frames were really computed in bf16 (synthetic weights exaggerate the difference;
-    # accuracy in bf16 is measured with the lite model on real data, benchmarks/speed.py).
+    # accuracy in bf16 is measured with the lite model on real data: benchmarks/lite_davis.py
+    # --precision bf16).
     assert not torch.equal(bf16[1:], probs["fp32"][1:])
 
 
