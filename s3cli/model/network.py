@@ -16,6 +16,7 @@ from s3cli.model.backbones.resnet import ResNetEncoder
 from s3cli.model.config import ModelConfig
 from s3cli.model.key_projection import KeyProjection
 from s3cli.model.layers.aggregate import aggregate
+from s3cli.model.layers.onednn_linear import use_onednn_linears
 from s3cli.model.mask_decoder import MaskDecoder
 from s3cli.model.mask_encoder import MaskEncoder
 from s3cli.model.pixel_fuser import PixelFeatureFuser
@@ -87,6 +88,9 @@ class VOSNetwork(nn.Module):
         self.aux_computer = AuxComputer(cfg.sensory_dim, cfg.embed_dim)
         self.register_buffer("pixel_mean", torch.tensor(cfg.pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(cfg.pixel_std).view(-1, 1, 1), False)
+        # CPU float32 inference through oneDNN's linear kernel (same parameters and
+        # state_dict; plain F.linear whenever gradients, autocast or another device are involved)
+        use_onednn_linears(self)
 
     @property
     def num_queries(self) -> int:

