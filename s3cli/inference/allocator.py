@@ -8,10 +8,17 @@ where the C library is not glibc (macOS, Windows, musl):
 * :func:`release_freed_memory` asks glibc to return free heap pages (``malloc_trim``); the
   engine calls it after each memorised frame.
 * :func:`fix_mmap_threshold` makes every allocation of at least ``threshold`` bytes its own
-  memory mapping, returned to the system when freed. glibc's default raises that threshold
-  (up to 32 MiB) as large blocks are freed, after which tensors of a few MiB come from the
-  heap and fragment it. The engine fixes it at 4 MiB when long-term memory is on (long videos):
-  the peak of a 2,600-frame run then grows 3 % after frame 1,000 instead of 13 %.
+  memory mapping, returned to the system when freed, and switches glibc's dynamic threshold
+  off. The dynamic rule starts at 128 KiB and raises the threshold as large blocks are freed,
+  so the same tensor sizes change home (mapping, then heap) while the memory grows: the peak of
+  a long run crept up 12 % from frame 1,000 to 5,000 (``benchmarks/memory_long_video.py
+  --network fake --size 240x432``). The engine fixes it at 32 MiB (:data:`HEAP_THRESHOLD`,
+  glibc's largest) with the heap's trim threshold at 64 MiB: peaks 317.7 / 313.2 MiB at 1,000 /
+  5,000 frames (ratio 1.014). A threshold of 4 MiB bounded memory as well (ratio 1.03), but
+  every fresh mapping costs a page fault per 4 KiB page on first touch, and the network's
+  activations (tens of MiB at 480p, the same sizes every frame) paid it on every frame:
+  about 415,000 faults and 1.58 s per Cutie-base frame at 480p against about 60,000 and 0.89 s
+  with 32 MiB (one run each, same session).
 """
 
 from __future__ import annotations
@@ -21,12 +28,21 @@ import ctypes.util
 import functools
 import sys
 
-__all__ = ["MMAP_THRESHOLD", "fix_mmap_threshold", "release_freed_memory"]
+__all__ = [
+    "HEAP_THRESHOLD",
+    "MMAP_THRESHOLD",
+    "fix_mmap_threshold",
+    "release_freed_memory",
+]
 
 MMAP_THRESHOLD = 4 << 20
 """Allocations of this many bytes or more are memory-mapped when the threshold is fixed."""
 
-_M_MMAP_THRESHOLD = -3  # mallopt parameter number (malloc.h)
+HEAP_THRESHOLD = 32 << 20
+"""glibc's largest mmap threshold on 64-bit systems (``DEFAULT_MMAP_THRESHOLD_MAX``)."""
+
+_M_TRIM_THRESHOLD = -1  # mallopt parameter numbers (malloc.h)
+_M_MMAP_THRESHOLD = -3
 
 
 @functools.cache
@@ -47,9 +63,17 @@ def _glibc() -> ctypes.CDLL | None:
 @functools.cache
 def fix_mmap_threshold(threshold: int = MMAP_THRESHOLD) -> bool:
     """Memory-map every allocation of ``threshold`` bytes or more, for the whole process and
-    for good (glibc's dynamic threshold is switched off). True if the C library took it."""
+    for good (glibc's dynamic threshold is switched off). True if the C library took it.
+
+    The heap's trim threshold is set as glibc's dynamic rule would set it, to twice the largest
+    threshold: fixing the mmap threshold leaves it at 128 KiB, and the heap would then hand the
+    pages of every frame's freed activations back to the system, to fault them in again on the
+    next frame."""
     libc = _glibc()
-    return bool(libc.mallopt(_M_MMAP_THRESHOLD, int(threshold))) if libc is not None else False
+    if libc is None:
+        return False
+    libc.mallopt(_M_TRIM_THRESHOLD, 2 * HEAP_THRESHOLD)
+    return bool(libc.mallopt(_M_MMAP_THRESHOLD, int(threshold)))
 
 
 def release_freed_memory() -> bool:

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from s3cli.inference.allocator import fix_mmap_threshold, release_freed_memory
+from s3cli.inference.allocator import HEAP_THRESHOLD, fix_mmap_threshold, release_freed_memory
 from s3cli.inference.config import InferenceConfig
 from s3cli.inference.memory import MemoryManager
 from s3cli.inference.objects import (
@@ -176,7 +176,9 @@ class Tracker:
         self._stagger = _stagger_offsets(self.config.mem_every, self.config.stagger_updates)
         self.state = self._init_state()
         if self.config.use_long_term and self.device.type == "cpu":
-            fix_mmap_threshold()  # long videos: keep the heap from fragmenting (allocator.py)
+            # Long videos: allocations of 32 MiB and more memory-mapped, the heap kept from
+            # fragmenting as the memory grows and its pages kept for the next frame (allocator.py)
+            fix_mmap_threshold(HEAP_THRESHOLD)
 
     def _init_state(self) -> TrackerState:
         memory = MemoryManager(self.config, sensory_dim=self.network.sensory_dim)

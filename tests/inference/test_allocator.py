@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from s3cli.inference import engine
+from s3cli.inference import allocator, engine
 
 # In a fresh process (as the CLI is): in a long-lived one the heap may already hold free blocks
 # big enough for the test's arrays, which glibc then serves from the heap whatever the threshold.
@@ -51,6 +51,6 @@ class _Stub(nn.Module):
 @pytest.mark.parametrize("long_term", [True, False])
 def test_engine_fixes_threshold_for_long_term_memory(monkeypatch, long_term: bool) -> None:
     calls: list[int] = []
-    monkeypatch.setattr(engine, "fix_mmap_threshold", lambda: calls.append(1))
+    monkeypatch.setattr(engine, "fix_mmap_threshold", lambda t: calls.append(t))
     engine.Tracker(_Stub(), use_long_term=long_term)
-    assert calls == ([1] if long_term else [])
+    assert calls == ([allocator.HEAP_THRESHOLD] if long_term else [])
