@@ -6,9 +6,9 @@ on: seconds per frame (median of steady frames; frames that only segment and fra
 memorise reported apart), GFLOP per frame (torch.utils.flop_counter, counted on the official
 formulation of each block, so the floor is the official computation's), the best fp32/bf16 matmul
 throughput measured in the same run (torch.matmul and a oneDNN path, the higher taken), the
-fraction of the floor (GFLOP / throughput) reached, and peak RSS (each setting runs in its own
-process, so the peak is its own; the FLOPs are counted in yet another). A table on stderr, --json on
-stdout.
+fraction of the floor (GFLOP / throughput) reached, minor page faults per steady frame, and peak
+RSS (each setting runs in its own process, so the peak is its own; the FLOPs are counted in yet
+another). A table on stderr, --json on stdout.
 
     python benchmarks/speed.py [--models cutie-small lite] [--objects 1 3] [--frames 24]
         [--precision fp32|bf16] [--threads 2] [--compile] [--json]
@@ -176,14 +176,17 @@ def bench(name: str, objects: int, n_frames: int, precision: str, compile_: bool
         else contextlib.nullcontext()
     )
     seg, mem = [], []
+    faults = 0  # minor page faults over the steady frames (fresh pages touched)
     for t in range(n_frames):
         img = frames[t % len(frames)]
+        faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         start = time.perf_counter()
         with autocast:
             tracker.step(img, mask if t == 0 else None, end=t == n_frames - 1)
         elapsed = time.perf_counter() - start
         if t >= 2:
             (mem if t % 5 == 0 else seg).append(elapsed)
+            faults += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before
     return {
         "model": name,
         "objects": objects,
@@ -191,6 +194,7 @@ def bench(name: str, objects: int, n_frames: int, precision: str, compile_: bool
         "s_per_frame": round(median(seg), 3),
         "s_per_memory_frame": round(median(mem), 3) if mem else None,
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "minor_faults_per_frame": faults // max(1, n_frames - 2),
     }
 
 
@@ -235,7 +239,7 @@ def main() -> None:
             f"{name:12s} {objects} obj {args.precision}: {r['s_per_frame']:.3f} s/frame "
             f"(memory frames {r['s_per_memory_frame']}), {r['gflop_per_frame']} GFLOP, "
             f"floor {floor:.3f} s at {best:.0f} GFLOP/s -> {r['fraction_of_floor']:.0%}, "
-            f"peak RSS {r['peak_rss_mb']:.0f} MiB",
+            f"peak RSS {r['peak_rss_mb']:.0f} MiB, {r['minor_faults_per_frame']} page faults/frame",
             file=sys.stderr,
         )
     out = {

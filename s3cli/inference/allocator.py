@@ -14,11 +14,12 @@ where the C library is not glibc (macOS, Windows, musl):
   a long run crept up 12 % from frame 1,000 to 5,000 (``benchmarks/memory_long_video.py
   --network fake --size 240x432``). The engine fixes it at 32 MiB (:data:`HEAP_THRESHOLD`,
   glibc's largest) with the heap's trim threshold at 64 MiB: peaks 317.7 / 313.2 MiB at 1,000 /
-  5,000 frames (ratio 1.014). A threshold of 4 MiB bounded memory as well (ratio 1.03), but
-  every fresh mapping costs a page fault per 4 KiB page on first touch, and the network's
-  activations (tens of MiB at 480p, the same sizes every frame) paid it on every frame:
-  about 415,000 faults and 1.58 s per Cutie-base frame at 480p against about 60,000 and 0.89 s
-  with 32 MiB (one run each, same session).
+  5,000 frames (ratio 1.014). The threshold was 4 MiB before (the peak of a 2,600-frame run
+  grew 3 % after frame 1,000), but every fresh mapping costs a page fault per 4 KiB page on
+  first touch, and the network's activations (tens of MiB at 480p, the same sizes every frame)
+  paid it on every frame: ``benchmarks/speed.py --models cutie-base --objects 1 --frames 14``
+  printed 435,808 faults and 1.310 s per frame with 4 MiB, 62,590 and 0.929 s with 32 MiB (same
+  session); the peak RSS of that run rose from 624 to 719 MiB, the heap keeping its pages.
 """
 
 from __future__ import annotations
