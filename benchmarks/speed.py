@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import multiprocessing
 import resource
@@ -88,10 +89,11 @@ def first_mask(masks: dict[int, np.ndarray], objects: int) -> np.ndarray:
 def use_official_formulation(net: torch.nn.Module) -> None:
     """Switch the blocks that have a faster formulation beside the official one back to the
     official one (explicit ViT attention, grid_sample deformable sampling, nn.MultiheadAttention
-    semantic attention): the FLOPs counted then are the official code's, the work the issue's
-    floor is defined on (the folded semantic attention does 76 GFLOP less per 480p frame)."""
+    semantic attention, the transposed convolution on the map): the FLOPs counted then are the
+    official code's, the work the issue's floor is defined on (the folded semantic attention
+    does 76 GFLOP less per 480p frame)."""
     from s3cli.model.backbones.vit import Attention
-    from s3cli.model.backbones.vit_adapter import SemanticCrossAttention
+    from s3cli.model.backbones.vit_adapter import SemanticCrossAttention, ViTAdapterEncoder
     from s3cli.model.layers.deformable_attention import MSDeformAttn
 
     for m in net.modules():
@@ -101,11 +103,15 @@ def use_official_formulation(net: torch.nn.Module) -> None:
             m.sampler = "grid_sample"
         elif isinstance(m, SemanticCrossAttention):
             m.folded = False
+        elif isinstance(m, ViTAdapterEncoder):
+            m.cfg = dataclasses.replace(m.cfg, upsample_as_matmul=False)
 
 
 def register_onednn_linear_flops() -> None:
-    """The FLOP counter knows aten's matmuls only; OneDNNLinear runs oneDNN's linear."""
-    from torch.utils.flop_counter import flop_registry, register_flop_formula
+    """The FLOP counter knows aten's matmuls and convolutions only; OneDNNLinear runs oneDNN's
+    linear, and conv_bn oneDNN's fused convolution (the batch norms, adds and ReLUs it absorbs
+    count no FLOPs either way)."""
+    from torch.utils.flop_counter import conv_flop_count, flop_registry, register_flop_formula
 
     if not hasattr(torch.ops.mkldnn, "_linear_pointwise"):
         return
@@ -116,6 +122,12 @@ def register_onednn_linear_flops() -> None:
     @register_flop_formula(op)
     def _linear_flops(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
         return 2 * int(np.prod(x_shape)) * w_shape[0]  # (..., K) x (N, K)^T
+
+    @register_flop_formula(torch.ops.mkldnn._convolution_pointwise)
+    def _conv_flops(x_shape, *args, out_shape=None, **kwargs) -> int:
+        # default: (x, w, b, padding, ...); .binary: (x, other, w, b, padding, ...)
+        w_shape = args[1] if len(args) >= 12 else args[0]
+        return conv_flop_count(x_shape, w_shape, out_shape, transposed=False)
 
 
 def make_tracker(name: str, compile_: bool, official: bool = False):

@@ -51,7 +51,10 @@ def _encoder_keys() -> list[dict]:
 
 # The official code's formulation of every block that has a faster default beside it.
 OFFICIAL_PATHS = ViTAdapterConfig(
-    fused_attention=False, deform_sampler="grid_sample", fold_semantic=False
+    fused_attention=False,
+    deform_sampler="grid_sample",
+    fold_semantic=False,
+    upsample_as_matmul=False,
 )
 
 
@@ -304,3 +307,37 @@ def test_folded_semantic_attention_equals_multihead_attention() -> None:
         sem.folded = False
         module = sem(c, mem)
     torch.testing.assert_close(folded, module, rtol=1e-5, atol=1e-5)
+
+
+def test_token_upsampling_equals_transposed_convolution() -> None:
+    """``_upsample_tokens`` == ``up(map) + c1``, values and gradients, batch of two."""
+    torch.manual_seed(0)
+    enc = ViTAdapterEncoder(SMALL)
+    torch.nn.init.normal_(enc.up.bias, std=0.5)
+    h8, w8, dim = 6, 10, SMALL.embed_dim
+    tokens = torch.randn(2, h8 * w8, dim, requires_grad=True)
+    c1 = torch.randn(2, dim, 2 * h8, 2 * w8)
+    fmap = tokens.transpose(1, 2).reshape(2, dim, h8, w8)
+    ref = enc.up(fmap) + c1
+    ours = enc._upsample_tokens(tokens, c1, h8, w8)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    assert ours.is_contiguous()
+    (grad_ref,) = torch.autograd.grad((ref * c1).sum(), tokens)
+    (grad_ours,) = torch.autograd.grad((ours * c1).sum(), tokens)
+    torch.testing.assert_close(grad_ours, grad_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_autocast_keeps_the_stride4_map_in_bf16() -> None:
+    """Under autocast the stride-4 sum stays in the convolutions' dtype (the float32 ViT map
+    added to it used to promote the whole largest map and copy it back for the decoder)."""
+    torch.manual_seed(0)
+    enc = ViTAdapterEncoder(SMALL).eval()
+    x = torch.randn(1, 3, 64, 96)
+    with torch.inference_mode():
+        ref = enc(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = enc(x)
+    assert out[2].dtype == torch.bfloat16
+    for ours, full in zip(out, ref, strict=True):
+        scale = float(full.abs().max())
+        torch.testing.assert_close(ours.float(), full, rtol=0.05, atol=0.05 * scale)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from s3cli.model.layers.conv_bn import conv_bn
+
 __all__ = ["BasicBlock", "Bottleneck", "make_layer", "ResNetEncoder", "RESNET_LAYERS"]
 
 # Blocks per stage and the block type of each depth (layer 4 is never used here).
@@ -19,7 +21,18 @@ RESNET_LAYERS: dict[str, tuple[str, tuple[int, int, int]]] = {
 }
 
 
+def _downsample(downsample: nn.Module | None, x: torch.Tensor) -> torch.Tensor:
+    """The block's shortcut: ``x`` or its (conv, batch norm) projection."""
+    if downsample is None:
+        return x
+    conv, bn = downsample  # nn.Sequential(Conv2d, BatchNorm2d): keys downsample.0 / .1
+    return conv_bn(conv, bn, x)
+
+
 class BasicBlock(nn.Module):
+    """Two 3x3 conv + BN layers with a shortcut; every conv + BN (+ add, ReLU) runs fused
+    at inference (:func:`~s3cli.model.layers.conv_bn.conv_bn`)."""
+
     expansion = 1
 
     def __init__(self, inplanes: int, planes: int, stride: int = 1) -> None:
@@ -36,13 +49,14 @@ class BasicBlock(nn.Module):
             )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        skip = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return self.relu(out + skip)
+        skip = _downsample(self.downsample, x)
+        out = conv_bn(self.conv1, self.bn1, x, relu=True)
+        return conv_bn(self.conv2, self.bn2, out, residual=skip, relu=True)
 
 
 class Bottleneck(nn.Module):
+    """1x1, 3x3, 1x1 conv + BN layers with a shortcut (stride on the 3x3, as torchvision's)."""
+
     expansion = 4
 
     def __init__(self, inplanes: int, planes: int, stride: int = 1) -> None:
@@ -62,11 +76,10 @@ class Bottleneck(nn.Module):
             )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        skip = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        return self.relu(out + skip)
+        skip = _downsample(self.downsample, x)
+        out = conv_bn(self.conv1, self.bn1, x, relu=True)
+        out = conv_bn(self.conv2, self.bn2, out, relu=True)
+        return conv_bn(self.conv3, self.bn3, out, residual=skip, relu=True)
 
 
 def make_layer(kind: str, inplanes: int, planes: int, blocks: int, stride: int) -> nn.Sequential:
@@ -99,7 +112,7 @@ class ResNetEncoder(nn.Module):
         self.ms_dims = (256 * exp, 128 * exp, 64 * exp)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.maxpool(conv_bn(self.conv1, self.bn1, x, relu=True))
         f4 = self.res2(x)
         f8 = self.layer2(f4)
         f16 = self.layer3(f8)

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from s3cli.model.backbones.vit import VisionTransformer
+from s3cli.model.layers.conv_bn import conv_bn_sequential
 from s3cli.model.layers.deformable_attention import MSDeformAttn, Sampler, reference_points_for
 
 __all__ = [
@@ -70,6 +71,9 @@ class ViTAdapterConfig:
     deform_sampler: Sampler = "gather"
     # semantic cross-attention computed through its two keys (False: nn.MultiheadAttention)
     fold_semantic: bool = True
+    # stride-8 -> stride-4 upsampling (a 2x2 stride-2 transposed conv) as one matrix product on
+    # the stride-8 tokens (False: the official nn.ConvTranspose2d on the map)
+    upsample_as_matmul: bool = True
 
 
 class SpatialPriorModule(nn.Module):
@@ -102,9 +106,9 @@ class SpatialPriorModule(nn.Module):
         self.fc3 = nn.Conv2d(4 * inplanes, embed_dim, kernel_size=1)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        c1 = self.stem(x)  # (B, 64, H/4, W/4)
-        c2 = self.conv2(c1)  # (B, 128, H/8, W/8)
-        c3 = self.conv3(c2)  # (B, 256, H/16, W/16)
+        c1 = conv_bn_sequential(self.stem, x)  # (B, 64, H/4, W/4)
+        c2 = conv_bn_sequential(self.conv2, c1)  # (B, 128, H/8, W/8)
+        c3 = conv_bn_sequential(self.conv3, c2)  # (B, 256, H/16, W/16)
         c1 = self.fc1(c1)  # (B, C, H/4, W/4)
         c2 = self.fc2(c2).flatten(2).transpose(1, 2)  # (B, H/8*W/8, C)
         c3 = self.fc3(c3).flatten(2).transpose(1, 2)  # (B, H/16*W/16, C)
@@ -397,12 +401,39 @@ class ViTAdapterEncoder(nn.Module):
         if capture is not None:
             capture["int0_c8_after_extractor_first64"] = capture["int0_c_after_extractor"][:, :64]
 
-        # Back to maps; stride 4 = upsampled stride-8 map + the stem's stride-4 map.
+        # Back to maps; stride 4 = upsampled stride-8 map + the stem's stride-4 map, and the ViT
+        # features of blocks 0, 1, 2 at strides 4, 8, 16. Under autocast the ViT maps join in the
+        # dtype of the maps they are added to (a float32 one would promote the whole sum).
         f8 = c[:, :n8].transpose(1, 2).reshape(b, dim, 2 * h, 2 * w).contiguous()
         f16 = c[:, n8:].transpose(1, 2).reshape(b, dim, h, w).contiguous()
-        f4 = self.up(f8) + c1
-        # ViT features of blocks 0, 1, 2 at strides 4, 8, 16.
-        f4 = f4 + F.interpolate(vit_maps[0], scale_factor=4, mode="bilinear", align_corners=False)
-        f8 = f8 + F.interpolate(vit_maps[1], scale_factor=2, mode="bilinear", align_corners=False)
-        f16 = f16 + vit_maps[2]
+        if self.cfg.upsample_as_matmul:
+            f4 = self._upsample_tokens(c[:, :n8], c1, 2 * h, 2 * w)
+        else:
+            f4 = self.up(f8) + c1
+        vit4 = F.interpolate(vit_maps[0], scale_factor=4, mode="bilinear", align_corners=False)
+        vit8 = F.interpolate(vit_maps[1], scale_factor=2, mode="bilinear", align_corners=False)
+        f4 = f4 + vit4.to(f4.dtype)  # (not in place: f4 is the stem's c1 in the official path)
+        f8 = f8 + vit8.to(f8.dtype)
+        f16 = f16 + vit_maps[2].to(f16.dtype)
         return [self.norm3(f16), self.norm2(f8), self.norm1(f4)]
+
+    def _upsample_tokens(
+        self, tokens: torch.Tensor, c1: torch.Tensor, h8: int, w8: int
+    ) -> torch.Tensor:
+        """``self.up(map of tokens) + c1`` computed on the tokens.
+
+        A 2x2 transposed convolution of stride 2 maps each input cell to its own 2x2 output
+        block: ``out[o, 2i + di, 2j + dj] = sum_c x[c, i, j] W[c, o, di, dj] + bias[o]``. So it
+        is one ``(B, h8*w8, C) x (C, C*4)`` product on the tokens; the product's rows are then
+        scattered to the map while being added to ``c1`` (no separate reordering pass).
+
+        Shapes: tokens (B, h8*w8, C); c1 (B, C, 2*h8, 2*w8) -> (B, C, 2*h8, 2*w8).
+        """
+        b, _, dim = tokens.shape
+        weight = self.up.weight  # (C_in, C_out, 2, 2)
+        blocks = torch.matmul(tokens, weight.flatten(1))  # (B, h8*w8, C_out*2*2)
+        # (B, h8, w8, C, 2, 2) -> (B, C, h8, 2, w8, 2): the map's layout, as a view
+        blocks = blocks.view(b, h8, w8, dim, 2, 2).permute(0, 3, 1, 4, 2, 5)
+        out = c1 + self.up.bias.to(c1.dtype).view(1, dim, 1, 1)  # a new tensor: add in place
+        out.view(b, dim, h8, 2, w8, 2).add_(blocks.to(out.dtype))
+        return out

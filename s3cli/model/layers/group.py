@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from s3cli.model.layers.conv_bn import conv_bn
+
 __all__ = [
     "GConv2d",
     "CAResBlock",
@@ -57,7 +59,7 @@ class CAResBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         r = x
-        x = self.conv2(F.relu(self.conv1(F.relu(x))))
+        x = self.conv2(conv_bn(self.conv1, None, F.relu(x), relu=True))
         b, c = x.shape[:2]
         w = self.pool(x).view(b, 1, c)
         w = self.conv(w).transpose(-1, -2).unsqueeze(-1).sigmoid()  # (B, C, 1, 1)
@@ -78,8 +80,11 @@ class GroupResBlock(nn.Module):
         self.conv2 = GConv2d(out_dim, out_dim, kernel_size=3, padding=1)
 
     def forward(self, g: torch.Tensor) -> torch.Tensor:
-        out = self.conv2(F.relu(self.conv1(F.relu(g))))
-        return out + self.downsample(g)
+        b, n = g.shape[:2]
+        skip = self.downsample(g).flatten(0, 1)
+        out = conv_bn(self.conv1, None, F.relu(g.flatten(0, 1)), relu=True)
+        out = conv_bn(self.conv2, None, out, residual=skip)
+        return out.view(b, n, *out.shape[1:])
 
 
 class _AddDistributor(nn.Module):

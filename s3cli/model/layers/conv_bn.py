@@ -1,0 +1,162 @@
+"""Convolution + batch norm (+ residual) (+ ReLU) as one operation at inference.
+
+In inference a batch norm with running statistics is an affine map per channel, so it folds
+into the convolution before it: ``W' = W * s``, ``b' = (b - mean) * s + beta`` with
+``s = gamma / sqrt(var + eps)``. The ResNet trunks (Cutie's pixel and mask encoders) and S3's
+spatial prior module then run one convolution where they ran a convolution, a batch norm, a
+residual add and a ReLU, each of the last three a full pass over a large activation. On CPU in
+float32 the convolution, the residual add and the ReLU go to oneDNN as one primitive
+(``mkldnn::_convolution_pointwise``, the fused kernel ``torch.compile`` uses); elsewhere the
+folded convolution runs through ``F.conv2d``.
+
+The modules stay as they are (``nn.Conv2d`` and ``nn.BatchNorm2d`` with their own parameters and
+``state_dict`` keys); :func:`conv_bn` only changes how they are evaluated. The folded weights
+are computed once and cached on the batch norm, keyed on the versions of the tensors they come
+from, so loading a checkpoint or moving the model invalidates them. While the batch norm
+trains, or a gradient is wanted, :func:`conv_bn` evaluates the modules one by one as written.
+Results equal the unfused ones to float32 rounding.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["conv_bn", "conv_bn_sequential", "fold_conv_bn"]
+
+_Key = tuple[tuple[int, int, torch.dtype, torch.device], ...]
+
+
+def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(weight, bias)`` of the one convolution equal to ``bn(conv(x))`` in eval mode."""
+    with torch.no_grad():
+        var = bn.running_var
+        mean = bn.running_mean
+        if var is None or mean is None:
+            raise ValueError("cannot fold a batch norm without running statistics")
+        scale = torch.rsqrt(var.float() + bn.eps)
+        if bn.weight is not None:
+            scale = scale * bn.weight.float()
+        shift = -mean.float() * scale
+        if conv.bias is not None:
+            shift = shift + conv.bias.float() * scale
+        if bn.bias is not None:
+            shift = shift + bn.bias.float()
+        weight = conv.weight.float() * scale.view(-1, *([1] * (conv.weight.dim() - 1)))
+        return weight.to(conv.weight.dtype).contiguous(), shift.to(conv.weight.dtype)
+
+
+def _version_key(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> _Key | None:
+    tensors = [conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var]
+    present = [t for t in tensors if t is not None]
+    if any(t.is_inference() for t in present):
+        return None  # no version counter to tell a change by: fold on every call
+    return tuple((t._version, t.data_ptr(), t.dtype, t.device) for t in present)
+
+
+def _folded(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    key = _version_key(conv, bn)
+    if key is None:
+        return fold_conv_bn(conv, bn)
+    cached = bn.__dict__.get("_folded_conv")
+    if cached is not None and cached[0] == key:
+        return cached[1], cached[2]
+    weight, bias = fold_conv_bn(conv, bn)
+    bn.__dict__["_folded_conv"] = (key, weight, bias)
+    return weight, bias
+
+
+def _can_fuse(conv: nn.Conv2d, bn: nn.BatchNorm2d | None, x: torch.Tensor) -> bool:
+    if bn is not None and (bn.training or bn.running_mean is None):
+        return False
+    if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+        return False
+    params = [*conv.parameters(), *(bn.parameters() if bn is not None else ())]
+    wants_grad = torch.is_grad_enabled() and (
+        x.requires_grad or any(p.requires_grad for p in params)
+    )
+    return not wants_grad
+
+
+def _onednn_applies(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None) -> bool:
+    if x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32:
+        return False
+    if x.dim() != 4 or torch.is_autocast_enabled("cpu") or not torch.backends.mkldnn.is_available():
+        return False
+    if residual is None:
+        return True
+    # The fused add wants the residual laid out as the output will be (as the input).
+    fmt = torch.channels_last if not x.is_contiguous() else torch.contiguous_format
+    return residual.dtype == torch.float32 and residual.is_contiguous(memory_format=fmt)
+
+
+def _output_shape(conv: nn.Conv2d, x: torch.Tensor) -> tuple[int, ...]:
+    size = [
+        (n + 2 * p - d * (k - 1) - 1) // s + 1
+        for n, p, d, k, s in zip(
+            x.shape[2:], conv.padding, conv.dilation, conv.kernel_size, conv.stride, strict=True
+        )
+    ]
+    return (x.shape[0], conv.out_channels, *size)
+
+
+def conv_bn(
+    conv: nn.Conv2d,
+    bn: nn.BatchNorm2d | None,
+    x: torch.Tensor,
+    *,
+    relu: bool = False,
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``relu?(bn?(conv(x)) + residual?)``, folded and fused where inference allows it.
+
+    ``bn`` may be ``None`` (a plain convolution with its add and ReLU fused).
+    Shapes: ``x`` (B, Cin, H, W), ``residual`` (B, Cout, H', W') as the convolution's output.
+    """
+    if not _can_fuse(conv, bn, x):
+        out = conv._conv_forward(x, conv.weight, conv.bias)  # Conv2d's own forward, 4-d
+        if bn is not None:
+            out = bn(out)
+        if residual is not None:
+            out = out + residual
+        return F.relu(out, inplace=True) if relu else out
+    if bn is None:
+        weight, bias = conv.weight, conv.bias
+    else:
+        weight, bias = _folded(conv, bn)
+    padding = list(conv.padding)
+    stride = list(conv.stride)
+    dilation = list(conv.dilation)
+    if _onednn_applies(x, weight, residual):
+        unary = "relu" if relu else "none"
+        if residual is None:
+            return torch.ops.mkldnn._convolution_pointwise(
+                x, weight, bias, padding, stride, dilation, conv.groups, unary, [], ""
+            )
+        if residual.shape == _output_shape(conv, x):
+            return torch.ops.mkldnn._convolution_pointwise.binary(
+                x, residual, weight, bias, padding, stride, dilation, conv.groups,
+                "add", None, "relu" if relu else None, [], "",
+            )  # fmt: skip
+    out = F.conv2d(x, weight, bias, stride, padding, dilation, conv.groups)
+    if residual is not None:
+        out = out + residual
+    return F.relu(out, inplace=True) if relu else out
+
+
+def conv_bn_sequential(seq: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    """Run ``seq`` with every ``Conv2d, BatchNorm2d[, ReLU]`` run of it through :func:`conv_bn`."""
+    mods = list(seq)
+    i = 0
+    while i < len(mods):
+        m = mods[i]
+        nxt = mods[i + 1] if i + 1 < len(mods) else None
+        if isinstance(m, nn.Conv2d) and isinstance(nxt, nn.BatchNorm2d):
+            relu = i + 2 < len(mods) and isinstance(mods[i + 2], nn.ReLU)
+            x = conv_bn(m, nxt, x, relu=relu)
+            i += 3 if relu else 2
+        else:
+            x = m(x)
+            i += 1
+    return x
