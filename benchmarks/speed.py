@@ -12,6 +12,10 @@ another). A table on stderr, --json on stdout.
 
     python benchmarks/speed.py [--models cutie-small lite] [--objects 1 3] [--frames 24]
         [--precision fp32|bf16] [--threads 2] [--compile] [--json]
+
+``--compile`` runs every setting twice, eager and with torch.compile'd network stages, and
+reports the compiled run's speed-up, warm-up (the extra time of its first two frames, where the
+stages compile) and the time of a 100-frame clip both ways.
 """
 
 from __future__ import annotations
@@ -142,8 +146,7 @@ def make_tracker(name: str, compile_: bool, official: bool = False):
     if official:
         use_official_formulation(net)
     if compile_:
-        for stage in ("encode_image", "transform_key", "encode_mask", "segment"):
-            setattr(net, stage, torch.compile(getattr(net, stage)))
+        net.compile_stages()
     return Tracker(net, mem_every=5, use_long_term=True, max_internal_size=480)
 
 
@@ -187,7 +190,7 @@ def bench(name: str, objects: int, n_frames: int, precision: str, compile_: bool
         if precision == "bf16"
         else contextlib.nullcontext()
     )
-    seg, mem = [], []
+    seg, mem, first = [], [], []
     faults = 0  # minor page faults over the steady frames (fresh pages touched)
     for t in range(n_frames):
         img = frames[t % len(frames)]
@@ -196,7 +199,9 @@ def bench(name: str, objects: int, n_frames: int, precision: str, compile_: bool
         with autocast:
             tracker.step(img, mask if t == 0 else None, end=t == n_frames - 1)
         elapsed = time.perf_counter() - start
-        if t >= 2:
+        if t < 2:
+            first.append(elapsed)  # memorise the mask, first segmentation (compilation if any)
+        else:
             (mem if t % 5 == 0 else seg).append(elapsed)
             faults += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before
     return {
@@ -207,7 +212,25 @@ def bench(name: str, objects: int, n_frames: int, precision: str, compile_: bool
         "s_per_memory_frame": round(median(mem), 3) if mem else None,
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "minor_faults_per_frame": faults // max(1, n_frames - 2),
+        "compiled": compile_,
+        "first_frames_s": [round(x, 3) for x in first],
     }
+
+
+def estimate_100_frames(r: dict) -> float:
+    """Seconds for a 100-frame clip: the two first frames as measured, then one memorised frame
+    in five (mem_every 5)."""
+    per = 0.8 * r["s_per_frame"] + 0.2 * (r["s_per_memory_frame"] or r["s_per_frame"])
+    return sum(r["first_frames_s"]) + 98 * per
+
+
+def compare_compiled(eager: dict, compiled: dict) -> None:
+    """Speed-up of the compiled run and its warm-up (extra time of its two first frames, where
+    the stages compile), measured against the eager run of the same setting."""
+    compiled["speedup_vs_eager"] = round(eager["s_per_frame"] / compiled["s_per_frame"], 3)
+    compiled["warmup_s"] = round(sum(compiled["first_frames_s"]) - sum(eager["first_frames_s"]), 1)
+    compiled["frames100_s"] = round(estimate_100_frames(compiled), 1)
+    compiled["eager_frames100_s"] = round(estimate_100_frames(eager), 1)
 
 
 def main() -> None:
@@ -217,7 +240,11 @@ def main() -> None:
     ap.add_argument("--frames", type=int, default=17)
     ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--compile", action="store_true")
+    ap.add_argument(
+        "--compile",
+        action="store_true",
+        help="also run every setting with torch.compile'd network stages, and compare",
+    )
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -229,16 +256,24 @@ def main() -> None:
     spawn = multiprocessing.get_context("spawn")
     for name in args.models:
         for objects in args.objects:
-            # A fresh process per setting, so that its peak RSS is its own.
-            with spawn.Pool(1) as pool:
-                job = (name, objects, args.frames, args.precision, args.compile, args.threads)
-                rows.append(pool.apply(bench_in_child, job))
-            # FLOPs in another process: the official formulation it runs has a higher peak.
+            # FLOPs in their own process: the official formulation they run has a higher peak.
             with spawn.Pool(1) as pool:
                 flops = pool.apply(count_in_child, (name, objects, args.threads))
-            rows[-1]["gflop_per_frame"] = round(flops.get("segment", 0.0), 1)
-            rows[-1]["gflop_per_memory_frame"] = round(flops.get("segment+memorise", 0.0), 1)
-            print(f"{name} {objects} obj: {rows[-1]['s_per_frame']:.3f} s/frame", file=sys.stderr)
+            modes = [False, True] if args.compile and name != "lite" else [False]
+            for compile_ in modes:
+                # A fresh process per setting, so that its peak RSS is its own.
+                with spawn.Pool(1) as pool:
+                    job = (name, objects, args.frames, args.precision, compile_, args.threads)
+                    rows.append(pool.apply(bench_in_child, job))
+                rows[-1]["gflop_per_frame"] = round(flops.get("segment", 0.0), 1)
+                rows[-1]["gflop_per_memory_frame"] = round(flops.get("segment+memorise", 0.0), 1)
+                tag = " compiled" if compile_ else ""
+                print(
+                    f"{name} {objects} obj{tag}: {rows[-1]['s_per_frame']:.3f} s/frame",
+                    file=sys.stderr,
+                )
+            if len(modes) == 2:
+                compare_compiled(rows[-2], rows[-1])
     after = machine_gflops(dtype)
     peak = {k: max(before[k], after[k]) for k in before}
     best = max(peak.values())
@@ -247,13 +282,21 @@ def main() -> None:
         floor = r["gflop_per_frame"] / best
         r["floor_s"] = round(floor, 3)
         r["fraction_of_floor"] = round(floor / r["s_per_frame"], 3) if r["s_per_frame"] else 0
+        tag = " compiled" if r["compiled"] else ""
         print(
-            f"{name:12s} {objects} obj {args.precision}: {r['s_per_frame']:.3f} s/frame "
+            f"{name:12s} {objects} obj {args.precision}{tag}: {r['s_per_frame']:.3f} s/frame "
             f"(memory frames {r['s_per_memory_frame']}), {r['gflop_per_frame']} GFLOP, "
             f"floor {floor:.3f} s at {best:.0f} GFLOP/s -> {r['fraction_of_floor']:.0%}, "
             f"peak RSS {r['peak_rss_mb']:.0f} MiB, {r['minor_faults_per_frame']} page faults/frame",
             file=sys.stderr,
         )
+        if r["compiled"]:
+            print(
+                f"{'':12s} compiled vs eager: {r['speedup_vs_eager']:.3f}x per frame, warm-up "
+                f"{r['warmup_s']:.1f} s, 100 frames {r['frames100_s']:.0f} s vs "
+                f"{r['eager_frames100_s']:.0f} s eager",
+                file=sys.stderr,
+            )
     out = {
         "machine_gflops": peak,
         "machine_gflops_before_after": [before, after],

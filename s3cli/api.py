@@ -54,6 +54,8 @@ class SegmentOptions:
     flip: bool = False
     device: str = "auto"
     precision: str = "fp32"
+    compile: bool = False
+    """``torch.compile`` the network's stages (S3 and Cutie models; the first frames compile)."""
     start: int = 0
     end: int | None = None
     outputs: OutputOptions = field(default_factory=OutputOptions)
@@ -143,9 +145,13 @@ def make_tracker(network: Any, model_name: str, options: SegmentOptions) -> Any:
     if model_name == "lite":
         from s3cli.lite import LiteTracker
 
+        if options.compile:
+            log.warning("--compile: the lite model runs without compilation")
         return LiteTracker(network, max_internal_size=size, mem_every=options.mem_every)
     from s3cli.inference.engine import Tracker
 
+    if options.compile:
+        network.compile_stages()
     return Tracker(
         network,
         mem_every=options.mem_every,

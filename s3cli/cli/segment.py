@@ -86,6 +86,9 @@ def segment(
     flip: bool = typer.Option(False, "--flip", help="Flip test-time augmentation."),
     device: str = typer.Option("auto", "--device", help="auto|cpu|cuda|mps."),
     precision: str = typer.Option("fp32", "--precision", help="fp32|bf16|fp16."),
+    compile_: bool = typer.Option(
+        False, "--compile", help="torch.compile the network (S3/Cutie; first frames compile)."
+    ),
     direction: str = typer.Option(
         "auto", "--direction", help="forward|backward|both|auto. both: also segment before the "
         "earliest mask (backward pass) and fuse forward and backward between masks; auto: both "
@@ -176,6 +179,7 @@ def segment(
                 flip=flip,
                 device=device,
                 precision=precision,
+                compile=compile_,
                 start=start,
                 end=end,
                 outputs=outputs,

@@ -7,6 +7,8 @@ frames, H, W padded image size, h, w = H/16, W/16.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -193,6 +195,26 @@ class VOSNetwork(nn.Module):
         logits = aggregate(prob, dim=1)
         logits = F.interpolate(logits, scale_factor=4, mode="bilinear", align_corners=False)
         return sensory, logits, F.softmax(logits, dim=1)
+
+    STAGES = (
+        "encode_image",
+        "transform_key",
+        "encode_mask",
+        "pixel_fusion",
+        "readout_query",
+        "segment",
+    )
+    """The stage functions the inference engine calls (what :meth:`compile_stages` compiles)."""
+
+    def compile_stages(self, **options: Any) -> None:
+        """Replace each stage function of this network object by its ``torch.compile``d
+        version (``options`` go to ``torch.compile``). Compilation happens on each stage's
+        first calls, so the first frames are slow (warm-up); idempotent."""
+        if getattr(self, "_compiled_stages", False):
+            return
+        for name in self.STAGES:
+            setattr(self, name, torch.compile(getattr(self, name), **options))
+        self._compiled_stages = True
 
     def train(self, mode: bool = True) -> VOSNetwork:
         super().train(mode)

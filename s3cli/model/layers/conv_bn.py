@@ -13,7 +13,8 @@ The modules stay as they are (``nn.Conv2d`` and ``nn.BatchNorm2d`` with their ow
 ``state_dict`` keys); :func:`conv_bn` only changes how they are evaluated. The folded weights
 are computed once and cached on the batch norm, keyed on the versions of the tensors they come
 from, so loading a checkpoint or moving the model invalidates them. While the batch norm
-trains, or a gradient is wanted, :func:`conv_bn` evaluates the modules one by one as written.
+trains, a gradient is wanted or ``torch.compile`` traces it, :func:`conv_bn` evaluates the
+modules one by one as written.
 Results equal the unfused ones to float32 rounding.
 """
 
@@ -68,6 +69,8 @@ def _folded(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Te
 
 
 def _can_fuse(conv: nn.Conv2d, bn: nn.BatchNorm2d | None, x: torch.Tensor) -> bool:
+    if torch.compiler.is_compiling():
+        return False  # traced by torch.compile: inductor folds and fuses in its own way
     if bn is not None and (bn.training or bn.running_mean is None):
         return False
     if conv.padding_mode != "zeros" or isinstance(conv.padding, str):

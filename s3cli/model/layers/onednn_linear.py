@@ -7,10 +7,10 @@ product faster: the S3 image encoder takes 15-20% less time at 480p (measured on
 no faster there and would keep a second copy of every weight).
 
 :class:`OneDNNLinear` is an ``nn.Linear`` (same parameters, same ``state_dict``) that takes that
-kernel when it applies (CPU, float32, no autocast, no gradient wanted) and ``F.linear``
-otherwise, so training and other devices see a plain linear layer. :func:`use_onednn_linears`
-swaps it in for every plain ``nn.Linear`` of a built network. Results equal ``F.linear``'s to
-float32 rounding (a different summation order).
+kernel when it applies (CPU, float32, no autocast, no gradient wanted, not being traced by
+``torch.compile``) and ``F.linear`` otherwise, so training and other devices see a plain
+linear layer. :func:`use_onednn_linears` swaps it in for every plain ``nn.Linear`` of a built
+network. Results equal ``F.linear``'s to float32 rounding (a different summation order).
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ class OneDNNLinear(nn.Linear):
             and self.weight.dtype == torch.float32
             and not torch.is_autocast_enabled("cpu")
             and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))
+            and not torch.compiler.is_compiling()  # inductor picks its own kernels
         ):
             return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
