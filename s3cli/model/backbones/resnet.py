@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from s3cli.model.layers.conv_bn import conv_bn
+from s3cli.model.layers.conv_bn import channels_last_stem, conv_bn
 
 __all__ = ["BasicBlock", "Bottleneck", "make_layer", "ResNetEncoder", "RESNET_LAYERS"]
 
@@ -112,7 +112,7 @@ class ResNetEncoder(nn.Module):
         self.ms_dims = (256 * exp, 128 * exp, 64 * exp)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        x = self.maxpool(conv_bn(self.conv1, self.bn1, x, relu=True))
+        x = channels_last_stem((self.conv1, self.bn1, self.relu, self.maxpool), x)
         f4 = self.res2(x)
         f8 = self.layer2(f4)
         f16 = self.layer3(f8)

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from s3cli.model.backbones.vit import VisionTransformer
-from s3cli.model.layers.conv_bn import conv_bn_sequential
+from s3cli.model.layers.conv_bn import channels_last_stem, conv_bn_sequential
 from s3cli.model.layers.deformable_attention import MSDeformAttn, Sampler, reference_points_for
 
 __all__ = [
@@ -106,7 +106,7 @@ class SpatialPriorModule(nn.Module):
         self.fc3 = nn.Conv2d(4 * inplanes, embed_dim, kernel_size=1)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        c1 = conv_bn_sequential(self.stem, x)  # (B, 64, H/4, W/4)
+        c1 = channels_last_stem(self.stem, x)  # (B, 64, H/4, W/4)
         c2 = conv_bn_sequential(self.conv2, c1)  # (B, 128, H/8, W/8)
         c3 = conv_bn_sequential(self.conv3, c2)  # (B, 256, H/16, W/16)
         c1 = self.fc1(c1)  # (B, C, H/4, W/4)

@@ -20,11 +20,13 @@ Results equal the unfused ones to float32 rounding.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["conv_bn", "conv_bn_sequential", "fold_conv_bn"]
+__all__ = ["channels_last_stem", "conv_bn", "conv_bn_sequential", "fold_conv_bn"]
 
 _Key = tuple[tuple[int, int, torch.dtype, torch.device], ...]
 
@@ -148,8 +150,9 @@ def conv_bn(
     return F.relu(out, inplace=True) if relu else out
 
 
-def conv_bn_sequential(seq: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
-    """Run ``seq`` with every ``Conv2d, BatchNorm2d[, ReLU]`` run of it through :func:`conv_bn`."""
+def conv_bn_sequential(seq: nn.Sequential | Sequence[nn.Module], x: torch.Tensor) -> torch.Tensor:
+    """Run the modules of ``seq`` in turn, every ``Conv2d, BatchNorm2d[, ReLU]`` run of them
+    through :func:`conv_bn`."""
     mods = list(seq)
     i = 0
     while i < len(mods):
@@ -163,3 +166,17 @@ def conv_bn_sequential(seq: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
             x = m(x)
             i += 1
     return x
+
+
+def channels_last_stem(seq: nn.Sequential | Sequence[nn.Module], x: torch.Tensor) -> torch.Tensor:
+    """A stem (convolutions, batch norms, ReLUs, then a max-pool) run channels-last, returned
+    contiguous.
+
+    The stems end in a max-pool over their largest map (stride 2, e.g. (B, 64, H/2, W/2)), and
+    CPU max-pooling is an order of magnitude faster on a channels-last map (4.5 vs 59 ms for
+    (1, 64, 240, 432) on one thread): the convolutions take the channels-last image (3 to 5
+    channels: a cheap copy) and write channels-last maps themselves, and only the pooled map,
+    a quarter of the size, goes back to the contiguous layout the rest of the network uses.
+    Max-pooling picks the same values in either layout.
+    """
+    return conv_bn_sequential(seq, x.contiguous(memory_format=torch.channels_last)).contiguous()
