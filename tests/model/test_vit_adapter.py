@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from s3cli.model.backbones.vit import Attention, VisionTransformer
+from s3cli.model.backbones.vit import Attention, VisionTransformer, blocked_attention
 from s3cli.model.backbones.vit_adapter import (
     SemanticCrossAttention,
     ViTAdapterConfig,
@@ -341,3 +341,26 @@ def test_bf16_autocast_keeps_the_stride4_map_in_bf16() -> None:
     for ours, full in zip(out, ref, strict=True):
         scale = float(full.abs().max())
         torch.testing.assert_close(ours.float(), full, rtol=0.05, atol=0.05 * scale)
+
+
+def test_blocked_attention_equals_sdpa() -> None:
+    """Blocks of queries (the last one partial) give the whole softmax attention."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 300, 16) for _ in range(3))
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=0.3)
+    torch.testing.assert_close(blocked_attention(q, k, v, 0.3, block=128), ref)
+    half = blocked_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), 0.3)
+    assert half.dtype == torch.bfloat16
+    torch.testing.assert_close(half.float(), ref, rtol=0.02, atol=0.02)
+
+
+def test_attention_under_bf16_autocast_close_to_float32() -> None:
+    torch.manual_seed(0)
+    attn = Attention(96, 4).eval()
+    x = torch.randn(1, 200, 96)
+    with torch.inference_mode():
+        ref = attn(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = attn(x)
+    scale = float(ref.abs().max())
+    torch.testing.assert_close(out.float(), ref, rtol=0.02, atol=0.02 * scale)
