@@ -37,8 +37,11 @@ SEQUENCES = DAVIS_SEQUENCES
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "default": {},
+    # The defaults before the stride-16 key weight went from 1.0 to 1.2 (J&F 68.4).
+    "f16-1.0": {"f16_weight": 1.0},
     # The first defaults: soft top-k propagation on the block outputs (seven-sequence J&F 60.6).
     "soft-projected": {
+        "f16_weight": 1.0,
         "matching": "soft",
         "top_k": 15,
         "features": "projected",
@@ -48,7 +51,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "active_reach": -1,
     },
     # The most accurate variant measured (J&F 69.5) at about half the default's speed.
-    "accurate": {"key_dim": 128, "permanent_reach": 3, "active_reach": -1},
+    "accurate": {"f16_weight": 1.0, "key_dim": 128, "permanent_reach": 3, "active_reach": -1},
 }
 
 
