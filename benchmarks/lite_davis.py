@@ -37,7 +37,7 @@ SEQUENCES = DAVIS_SEQUENCES
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "default": {},
-    # The defaults before the stride-16 key weight went from 1.0 to 1.2 (J&F 68.4).
+    # The defaults before the stride-16 key weight went from 1.0 to 1.4 (J&F 68.4).
     "f16-1.0": {"f16_weight": 1.0},
     # The first defaults: soft top-k propagation on the block outputs (seven-sequence J&F 60.6).
     "soft-projected": {

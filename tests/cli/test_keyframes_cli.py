@@ -289,7 +289,7 @@ def test_middle_frame_mask_segments_every_frame(lite_runs: LiteRuns) -> None:
           + f"; mean {100 * np.mean(list(middle.values())):.1f} / "
           f"{100 * np.mean(list(frame0.values())):.1f}")
     # Starting in the middle loses little against starting on frame 0 (at 480p: 68.2 / 68.4,
-    # measured before the stride-16 key weight went from 1.0 to 1.2).
+    # measured before the stride-16 key weight went from 1.0 to 1.4).
     assert np.mean(list(middle.values())) > np.mean(list(frame0.values())) - 0.1
 
 
