@@ -14,6 +14,7 @@ import torch
 
 __all__ = [
     "ObjectRegistry",
+    "channel_argmax",
     "index_mask_to_one_hot",
     "probabilities_to_binary_masks",
     "probabilities_to_index_mask",
@@ -76,6 +77,24 @@ def index_mask_to_one_hot(mask: torch.Tensor, object_ids: Sequence[int]) -> torc
     return torch.stack([mask == obj for obj in object_ids], dim=0).float()  # (N, H, W)
 
 
+def channel_argmax(prob: torch.Tensor) -> torch.Tensor:
+    """``torch.argmax(prob, dim=0)`` of (C, H, W) probabilities, as (H, W) int64.
+
+    One comparison pass per channel instead of a reduction across the outer dimension, which
+    PyTorch's CPU kernel runs ~10x slower (39 vs 3.8 ms for 2 x 480 x 854 on one thread). Ties
+    go to the lower channel, as with argmax (the comparison is strict).
+    """
+    if prob.shape[0] == 1 or prob.device.type != "cpu":
+        return torch.argmax(prob, dim=0)
+    best = prob[0].clone()
+    index = torch.zeros(prob.shape[1:], dtype=torch.int64, device=prob.device)
+    for c in range(1, prob.shape[0]):
+        higher = prob[c] > best
+        index.masked_fill_(higher, c)
+        torch.where(higher, prob[c], best, out=best)
+    return index
+
+
 def probabilities_to_index_mask(prob: torch.Tensor, object_ids: Sequence[int]) -> torch.Tensor:
     """(1 + N, H, W) probabilities -> (H, W) int64 index mask of object ids (0 = background).
 
@@ -85,7 +104,7 @@ def probabilities_to_index_mask(prob: torch.Tensor, object_ids: Sequence[int]) -
         raise ValueError(
             f"probabilities have {prob.shape[0]} channels, expected 1 + {len(object_ids)} objects"
         )
-    channel = torch.argmax(prob, dim=0)  # (H, W)
+    channel = channel_argmax(prob)  # (H, W)
     lut = torch.tensor([0, *object_ids], dtype=torch.int64, device=prob.device)
     return lut[channel]
 
@@ -93,6 +112,6 @@ def probabilities_to_index_mask(prob: torch.Tensor, object_ids: Sequence[int]) -
 def probabilities_to_binary_masks(prob: torch.Tensor) -> torch.Tensor:
     """(1 + N, H, W) probabilities -> (N, H, W) bool masks, each pixel in at most one object
     (the argmax channel; background pixels are in none)."""
-    channel = torch.argmax(prob, dim=0)  # (H, W)
+    channel = channel_argmax(prob)  # (H, W)
     ids = torch.arange(1, prob.shape[0], device=prob.device)  # (N,)
     return channel.unsqueeze(0) == ids[:, None, None]  # (N, H, W)

@@ -7,6 +7,7 @@ import torch
 
 from s3cli.inference.objects import (
     ObjectRegistry,
+    channel_argmax,
     index_mask_to_one_hot,
     probabilities_to_binary_masks,
     probabilities_to_index_mask,
@@ -46,3 +47,14 @@ def test_index_mask_helpers_with_non_contiguous_ids() -> None:
     assert binary.dtype == torch.bool and torch.equal(binary, one_hot.bool())
     with pytest.raises(ValueError):
         probabilities_to_index_mask(prob, [42])
+
+
+@pytest.mark.parametrize("channels", [1, 2, 5])
+def test_channel_argmax_equals_torch_argmax_ties_included(channels: int) -> None:
+    g = torch.Generator().manual_seed(channels)
+    # coarse values: many exact ties between channels, which must go to the lower channel
+    prob = torch.randint(0, 4, (channels, 37, 53), generator=g).float() / 4
+    assert torch.equal(channel_argmax(prob), torch.argmax(prob, dim=0))
+    soft = torch.rand(channels, 37, 53, generator=g).softmax(0)
+    assert torch.equal(channel_argmax(soft), torch.argmax(soft, dim=0))
+    assert channel_argmax(soft).dtype == torch.int64
