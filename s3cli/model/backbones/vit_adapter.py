@@ -412,7 +412,7 @@ class ViTAdapterEncoder(nn.Module):
             f4 = self.up(f8) + c1
         vit4 = F.interpolate(vit_maps[0], scale_factor=4, mode="bilinear", align_corners=False)
         vit8 = F.interpolate(vit_maps[1], scale_factor=2, mode="bilinear", align_corners=False)
-        f4 = f4 + vit4.to(f4.dtype)  # (not in place: f4 is the stem's c1 in the official path)
+        f4 = f4 + vit4.to(f4.dtype)
         f8 = f8 + vit8.to(f8.dtype)
         f16 = f16 + vit_maps[2].to(f16.dtype)
         return [self.norm3(f16), self.norm2(f8), self.norm1(f4)]

@@ -123,28 +123,21 @@ def conv_bn(
         out = conv._conv_forward(x, conv.weight, conv.bias)  # Conv2d's own forward, 4-d
         if bn is not None:
             out = bn(out)
-        if residual is not None:
-            out = out + residual
-        return F.relu(out, inplace=True) if relu else out
-    if bn is None:
-        weight, bias = conv.weight, conv.bias
     else:
-        weight, bias = _folded(conv, bn)
-    padding = list(conv.padding)
-    stride = list(conv.stride)
-    dilation = list(conv.dilation)
-    if _onednn_applies(x, weight, residual):
-        unary = "relu" if relu else "none"
-        if residual is None:
-            return torch.ops.mkldnn._convolution_pointwise(
-                x, weight, bias, padding, stride, dilation, conv.groups, unary, [], ""
-            )
-        if residual.shape == _output_shape(conv, x):
-            return torch.ops.mkldnn._convolution_pointwise.binary(
-                x, residual, weight, bias, padding, stride, dilation, conv.groups,
-                "add", None, "relu" if relu else None, [], "",
-            )  # fmt: skip
-    out = F.conv2d(x, weight, bias, stride, padding, dilation, conv.groups)
+        weight, bias = (conv.weight, conv.bias) if bn is None else _folded(conv, bn)
+        padding, stride, dilation = list(conv.padding), list(conv.stride), list(conv.dilation)
+        if _onednn_applies(x, weight, residual):
+            unary = "relu" if relu else "none"
+            if residual is None:
+                return torch.ops.mkldnn._convolution_pointwise(
+                    x, weight, bias, padding, stride, dilation, conv.groups, unary, [], ""
+                )
+            if residual.shape == _output_shape(conv, x):
+                return torch.ops.mkldnn._convolution_pointwise.binary(
+                    x, residual, weight, bias, padding, stride, dilation, conv.groups,
+                    "add", None, "relu" if relu else None, [], "",
+                )  # fmt: skip
+        out = F.conv2d(x, weight, bias, stride, padding, dilation, conv.groups)
     if residual is not None:
         out = out + residual
     return F.relu(out, inplace=True) if relu else out
