@@ -198,9 +198,10 @@ def segment(
             continue
         if masks_dir is not None:
             _write_marker(marker, summary.to_dict())
+        n_obj = len(summary.object_ids)
         err_console.print(
             f"done {video}: {summary.frames} frames in {summary.seconds:.1f} s "
-            f"({summary.fps:.2f} frames/s), {len(summary.object_ids)} objects, "
+            f"({summary.fps:.2f} frames/s), {n_obj} object{'' if n_obj == 1 else 's'}, "
             f"peak memory {summary.peak_memory_mb:.0f} MiB"
         )
         results.append({"status": "ok", **summary.to_dict()})

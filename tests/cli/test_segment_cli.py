@@ -57,6 +57,7 @@ def test_judo_frames_objects_added_mid_video(ckpt: Path, tmp_path: Path) -> None
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert summary["frames"] == 16 and summary["object_ids"] == [1, 2, 3, 4]
+    assert ", 4 objects, peak memory" in result.stderr
     pngs = sorted(out.glob("*.png"))
     assert [p.stem for p in pngs] == [f"{i:05d}" for i in range(16)]
     # Each object's id is present from the frame where its mask is given.
@@ -98,6 +99,7 @@ def test_video_file_with_rle_mask(ckpt: Path, tmp_path: Path) -> None:
                   tmp_path / "ex.mp4", "--json")
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["object_ids"] == [7]
+    assert "117 frames in" in result.stderr and ", 1 object, peak memory" in result.stderr
     assert len(list(out.glob("*.png"))) == 117
     first = read_png(out / "00000.png")
     assert ((first == 7) == mask.astype(bool)).all()

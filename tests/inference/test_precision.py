@@ -65,3 +65,36 @@ def test_object_summaries_stay_float32_under_autocast() -> None:
     assert out.dtype == torch.float32
     # Only the input projection ran in bf16: the result is close to the float32 one.
     torch.testing.assert_close(out, ref, rtol=0.05, atol=0.05)
+
+
+def test_bf16_on_a_cpu_without_bf16_instructions_warns(monkeypatch, caplog) -> None:
+    import s3cli.api as api
+
+    for native, warned in ((False, True), (True, False)):
+        monkeypatch.setattr(api, "cpu_has_bf16_matmul", lambda native=native: native)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="s3cli.api"):
+            ctx = api._autocast("cpu", "bf16")
+        assert isinstance(ctx, torch.autocast)
+        assert any("no bf16 matrix instructions" in r.message for r in caplog.records) is warned
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="s3cli.api"):
+        api._autocast("cpu", "fp32")
+    assert not caplog.records
+
+
+def test_bf16_instruction_check_agrees_with_cpuinfo() -> None:
+    from pathlib import Path
+
+    import pytest
+
+    from s3cli.api import cpu_has_bf16_matmul
+
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.is_file():
+        pytest.skip("no /proc/cpuinfo on this system")
+    flags = set()
+    for line in cpuinfo.read_text().splitlines():
+        if line.startswith("flags"):
+            flags |= set(line.split(":", 1)[1].split())
+    assert cpu_has_bf16_matmul() == bool({"avx512_bf16", "amx_tile"} & flags)
