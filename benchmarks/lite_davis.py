@@ -37,6 +37,10 @@ SEQUENCES = DAVIS_SEQUENCES
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "default": {},
+    # Before test-time adaptation and windows that follow the objects (J&F 69.6).
+    "propagation-only": {"classifier_weight": 0.0, "follow_objects": False},
+    "classifier-only": {"follow_objects": False},
+    "follow-only": {"classifier_weight": 0.0},
     # The defaults before the stride-16 key weight went from 1.0 to 1.4 (J&F 68.4).
     "f16-1.0": {"f16_weight": 1.0},
     # The first defaults: soft top-k propagation on the block outputs (seven-sequence J&F 60.6).

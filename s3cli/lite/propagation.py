@@ -103,25 +103,38 @@ def pad_cells(x: torch.Tensor, grid: TileGrid, pad_tiles: int) -> torch.Tensor:
 
 
 def window_index(
-    grid: TileGrid, pad_tiles: int, reaches: Sequence[int], tiles: torch.Tensor
+    grid: TileGrid,
+    pad_tiles: int,
+    reaches: Sequence[int],
+    tiles: torch.Tensor,
+    frames: Sequence[int] | None = None,
+    shifts: Sequence[tuple[int, int]] | None = None,
 ) -> torch.Tensor:
-    """(A, R) flat indices, into M stacked frames of :func:`pad_cells` (``pad_tiles`` P), of
-    the window cells of each query tile in ``tiles``: in frame m the tiles within
-    ``reaches[m]`` of it. R is the sum over frames of ``(2 reach + 1)^2 t^2``."""
+    """(A, R) flat indices, into stacked frames of :func:`pad_cells` (``pad_tiles`` P), of
+    the window cells of each query tile in ``tiles``: window w holds the tiles within
+    ``reaches[w]`` of the query tile in frame ``frames[w]`` (default: frame w), centred on
+    the query tile moved back by ``shifts[w]`` = (dy, dx) tiles (clamped to the grid; default
+    (0, 0)), so that a frame where the objects stood elsewhere is searched where they were.
+    R is the sum over windows of ``(2 reach + 1)^2 t^2``."""
     t = grid.tile
     width = (grid.tiles_x + 2 * pad_tiles) * t
     frame_cells = (grid.tiles_y + 2 * pad_tiles) * t * width
     device = tiles.device
-    rel = []
-    for m, reach in enumerate(reaches):
-        if reach > pad_tiles:
-            raise ValueError(f"reach {reach} exceeds the padding of {pad_tiles} tiles")
-        span = torch.arange(-reach * t, (reach + 1) * t, device=device)  # cell offsets
-        rel.append((m * frame_cells + span[:, None] * width + span[None, :]).flatten())
     ty = torch.div(tiles, grid.tiles_x, rounding_mode="floor")  # (A,)
     tx = tiles - ty * grid.tiles_x
-    base = (ty + pad_tiles) * t * width + (tx + pad_tiles) * t  # top-left cell of the tile
-    return base[:, None] + torch.cat(rel)[None, :]  # (A, R)
+    parts = []
+    for w, reach in enumerate(reaches):
+        if reach > pad_tiles:
+            raise ValueError(f"reach {reach} exceeds the padding of {pad_tiles} tiles")
+        m = frames[w] if frames is not None else w
+        dy, dx = shifts[w] if shifts is not None else (0, 0)
+        cy = (ty - dy).clamp(0, grid.tiles_y - 1) if dy else ty
+        cx = (tx - dx).clamp(0, grid.tiles_x - 1) if dx else tx
+        base = (cy + pad_tiles) * t * width + (cx + pad_tiles) * t  # top-left cell of the tile
+        span = torch.arange(-reach * t, (reach + 1) * t, device=device)  # cell offsets
+        rel = (m * frame_cells + span[:, None] * width + span[None, :]).flatten()
+        parts.append(base[:, None] + rel[None, :])
+    return torch.cat(parts, dim=1)  # (A, R)
 
 
 def active_tiles(value: torch.Tensor, grid: TileGrid, reach: int, eps: float) -> torch.Tensor:

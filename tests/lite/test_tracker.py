@@ -234,3 +234,22 @@ def test_bf16_autocast_runs_only_the_backbone_in_bf16(model: LiteModel, judo) ->
         assert all(m.key.dtype == m.value.dtype == torch.float32 for m in tracker.state.frames())
         runs.append(tracker.to_index_mask(prob).numpy())
     assert _iou(runs[0] == 1, runs[1] == 1) > 0.95
+
+
+def test_classifier_follows_the_objects(model: LiteModel, judo) -> None:
+    frames, masks = judo
+    tracker = LiteTracker(model, max_internal_size=SIZE)
+    tracker.step(frames[0], masks[0])
+    w = tracker.state.classifier
+    assert w is not None and w.shape == (tracker.state.basis.shape[1] + 1, 2)
+    tracker.step(frames[1])
+    assert tracker.state.classifier is w  # predicted frames do not refit it
+    tracker.step(frames[5], masks[5])  # object 2 appears: refit with three channels
+    assert tracker.state.classifier.shape[1] == 3
+    tracker.delete_objects([1])
+    assert tracker.state.classifier.shape[1] == 2
+    prob = tracker.step(frames[6])
+    assert (tracker.to_index_mask(prob) == 2).any()
+    off = LiteTracker(model, max_internal_size=SIZE, classifier_weight=0)
+    off.step(frames[0], masks[0])
+    assert off.state.classifier is None
