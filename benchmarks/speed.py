@@ -93,13 +93,15 @@ def first_mask(masks: dict[int, np.ndarray], objects: int) -> np.ndarray:
 def use_official_formulation(net: torch.nn.Module) -> None:
     """Switch the blocks that have a faster formulation beside the official one back to the
     official one (explicit ViT attention, grid_sample deformable sampling, nn.MultiheadAttention
-    semantic attention, the transposed convolution on the map): the FLOPs counted then are the
-    official code's, the work the issue's floor is defined on (the folded semantic attention
-    does 76 GFLOP less per 480p frame)."""
+    semantic attention, the transposed convolution on the map, the decoder's skip projections
+    after the encoder): the FLOPs counted then are the official code's, the work the issue's
+    floor is defined on (the folded semantic attention does 76 GFLOP less per 480p frame, the
+    early skip projection 28 GFLOP less)."""
     from s3cli.model.backbones.vit import Attention
     from s3cli.model.backbones.vit_adapter import SemanticCrossAttention, ViTAdapterEncoder
     from s3cli.model.layers.deformable_attention import MSDeformAttn
 
+    net.project_skips_early = False
     for m in net.modules():
         if isinstance(m, Attention):
             m.fused = False

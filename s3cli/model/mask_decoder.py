@@ -39,7 +39,12 @@ class _MaskUpsampleBlock(nn.Module):
 
 class MaskDecoder(nn.Module):
     """Shapes: ms_feat [f16, f8, f4]; readout (B, N, C, h, w); sensory (B, N, Cs, h, w) ->
-    (new sensory, logits (B, N, 4h, 4w)) at stride 4."""
+    (new sensory, logits (B, N, 4h, 4w)) at stride 4.
+
+    The stride-8 and stride-4 image features enter through 1x1 projections
+    (``decoder_feat_proc``); with ``skips_projected`` the caller has applied them already
+    (``ms_feat[1:]`` are then ``(B, up_dims[0], 2h, 2w)`` and ``(B, up_dims[1], 4h, 4w)``).
+    """
 
     def __init__(
         self,
@@ -66,9 +71,13 @@ class MaskDecoder(nn.Module):
         *,
         chunk_size: int = -1,
         update_sensory: bool = True,
+        skips_projected: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         b, n = readout.shape[:2]
-        f8, f4 = self.decoder_feat_proc(list(ms_feat[1:]))
+        if skips_projected:
+            f8, f4 = ms_feat[1], ms_feat[2]
+        else:
+            f8, f4 = self.decoder_feat_proc(list(ms_feat[1:]))
         if chunk_size < 1 or chunk_size >= n:
             chunk_size = n
         all_logits: list[torch.Tensor] = []

@@ -15,6 +15,7 @@ from torch import nn
 
 from s3cli.model.aux_computer import AuxComputer
 from s3cli.model.backbones.resnet import ResNetEncoder
+from s3cli.model.backbones.vit_adapter import ViTAdapterConfig, ViTAdapterEncoder
 from s3cli.model.config import ModelConfig
 from s3cli.model.key_projection import KeyProjection
 from s3cli.model.layers.aggregate import aggregate
@@ -30,8 +31,6 @@ __all__ = ["VOSNetwork"]
 
 def _build_pixel_encoder(cfg: ModelConfig) -> nn.Module:
     if cfg.pixel_encoder.type == "vit_adapter":
-        from s3cli.model.backbones.vit_adapter import ViTAdapterConfig, ViTAdapterEncoder
-
         return ViTAdapterEncoder(ViTAdapterConfig())
     return ResNetEncoder(cfg.pixel_encoder.type)
 
@@ -93,6 +92,10 @@ class VOSNetwork(nn.Module):
         # CPU float32 inference through oneDNN's linear kernel (same parameters and
         # state_dict; plain F.linear whenever gradients, autocast or another device are involved)
         use_onednn_linears(self)
+        # encode_image returns the mask decoder's projected skip features as ms_feat[1:]
+        # (the S3 encoder folds the projections in; see ViTAdapterEncoder._projected_skips),
+        # and segment takes them as such. False: the encoders' own f8, f4 (the official stages).
+        self.project_skips_early = True
 
     @property
     def num_queries(self) -> int:
@@ -109,8 +112,21 @@ class VOSNetwork(nn.Module):
 
     def encode_image(self, image: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Shapes: image (B, 3, H, W) in [0, 1], padded -> ([f16, f8, f4], pix_feat
-        (B, Cp, h, w))."""
-        ms_feat = self.pixel_encoder(self.normalize(image))
+        (B, Cp, h, w)).
+
+        With ``project_skips_early`` f8 and f4 come back through the mask decoder's 1x1
+        projections (``(B, up_dims[0], H/8, W/8)``, ``(B, up_dims[1], H/4, W/4)``): once per
+        image whatever the number of objects, and folded into the S3 encoder's last steps.
+        """
+        image = self.normalize(image)
+        if not self.project_skips_early:
+            ms_feat = self.pixel_encoder(image)
+        elif isinstance(self.pixel_encoder, ViTAdapterEncoder):
+            proj = self.mask_decoder.decoder_feat_proc.transforms
+            ms_feat = self.pixel_encoder(image, skip_proj=(proj[0], proj[1]))
+        else:
+            f16, f8, f4 = self.pixel_encoder(image)
+            ms_feat = [f16, *self.mask_decoder.decoder_feat_proc([f8, f4])]
         return ms_feat, self.pix_feat_proj(ms_feat[0])
 
     def transform_key(
@@ -184,10 +200,16 @@ class VOSNetwork(nn.Module):
         chunk_size: int = -1,
         update_sensory: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Shapes: readout (B, N, C, h, w); sensory (B, N, Cs, h, w) -> new sensory, logits
-        (B, N + 1, H, W) and probabilities (B, N + 1, H, W), channel 0 = background."""
+        """Shapes: ms_feat as :meth:`encode_image` returns it; readout (B, N, C, h, w);
+        sensory (B, N, Cs, h, w) -> new sensory, logits (B, N + 1, H, W) and probabilities
+        (B, N + 1, H, W), channel 0 = background."""
         sensory, logits = self.mask_decoder(
-            ms_feat, readout, sensory, chunk_size=chunk_size, update_sensory=update_sensory
+            ms_feat,
+            readout,
+            sensory,
+            chunk_size=chunk_size,
+            update_sensory=update_sensory,
+            skips_projected=self.project_skips_early,
         )
         prob = torch.sigmoid(logits)
         if selector is not None:

@@ -22,8 +22,13 @@ def _pad16(x: torch.Tensor) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def net():
+    """The official stage contract: encode_image returns the encoder's f8 and f4, segment
+    projects them (``project_skips_early`` off; the default early projection is checked in
+    test_stages too)."""
     torch.manual_seed(0)
-    return build_network("cutie-base", synthetic=True)
+    net = build_network("cutie-base", synthetic=True)
+    net.project_skips_early = False
+    return net
 
 
 @pytest.fixture(scope="module")
@@ -110,3 +115,20 @@ def test_stages(net, ref, inputs) -> None:
     assert_close(new_sensory, ref["f1_sensory_out"], name="f1_sensory_out")
     assert_close(logits1, ref["f1_logits"], name="f1_logits")
     assert_close(prob1, ref["f1_prob"], name="f1_prob")
+
+    # The default: the decoder's skip projections applied in encode_image.
+    net.project_skips_early = True
+    try:
+        (e16, e8, e4), _ = net.encode_image(img1)
+        early_sensory, early_logits, early_prob = net.segment([e16, e8, e4], readout, sensory)
+    finally:
+        net.project_skips_early = False
+    proj = net.mask_decoder.decoder_feat_proc.transforms
+    for ours, conv, name in ((e8, proj[0], "f1_f8"), (e4, proj[1], "f1_f4")):
+        x = torch.from_numpy(np.asarray(ref[name], dtype=np.float64))
+        w, b = conv.weight.double().flatten(1), conv.bias.double().view(1, -1, 1, 1)
+        projected = (torch.einsum("oc,bchw->bohw", w, x) + b).numpy()
+        assert_close(ours, projected, name=f"{name} projected")
+    assert_close(early_sensory, ref["f1_sensory_out"], name="f1_sensory_out (early skips)")
+    assert_close(early_logits, ref["f1_logits"], name="f1_logits (early skips)")
+    assert_close(early_prob, ref["f1_prob"], name="f1_prob (early skips)")

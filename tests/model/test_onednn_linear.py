@@ -58,17 +58,47 @@ def test_inference_equals_f_linear_and_uses_onednn() -> None:
 
 
 @needs_onednn
-def test_training_and_autocast_take_the_plain_path() -> None:
+def test_training_and_fp16_autocast_take_the_plain_path() -> None:
     torch.manual_seed(0)
     lin = OneDNNLinear(8, 4)
     x = torch.randn(5, 8, requires_grad=True)
-    lin(x).sum().backward()  # gradients flow as through nn.Linear
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        lin(x).sum().backward()  # gradients flow as through nn.Linear, under autocast too
     assert x.grad is not None and lin.weight.grad is not None
     with torch.profiler.profile() as prof, torch.no_grad():
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.float16):
             y = lin(x)
-    assert y.dtype == torch.bfloat16
+    assert y.dtype == torch.float16
     assert "mkldnn::_linear_pointwise" not in {e.name for e in prof.events()}
+    assert "_packed_bf16" not in lin.__dict__
+
+
+@needs_onednn
+def test_bf16_autocast_runs_a_packed_bf16_copy() -> None:
+    """Under bf16 autocast at inference: oneDNN on a cached packed bf16 weight, outputs equal
+    to autocast's F.linear, the copy refreshed when the weight changes."""
+    torch.manual_seed(0)
+    lin = OneDNNLinear(64, 48)
+    x = torch.randn(2, 37, 64)
+
+    def run() -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            return lin(x), F.linear(x, lin.weight, lin.bias)
+
+    ours, ref = run()
+    assert ours.dtype == ref.dtype == torch.bfloat16
+    torch.testing.assert_close(ours, ref, rtol=0, atol=0)
+    packed = lin.__dict__["_packed_bf16"][1][0]
+    with torch.profiler.profile() as prof:
+        run()
+    names = [e.name for e in prof.events()]
+    assert names.count("mkldnn::_linear_pointwise") == 1
+    assert lin.__dict__["_packed_bf16"][1][0] is packed  # reused, not packed again
+    with torch.no_grad():
+        lin.weight.mul_(-2.0)
+    ours, ref = run()
+    torch.testing.assert_close(ours, ref, rtol=0, atol=0)  # a stale copy would differ in sign
+    assert list(lin.state_dict()) == ["weight", "bias"]  # the copy is not state
 
 
 @needs_onednn

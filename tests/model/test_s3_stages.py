@@ -7,6 +7,7 @@ integer and boolean arrays exact.
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import numpy as np
@@ -36,7 +37,29 @@ def _t(a: np.ndarray) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def net():
-    return build_network("s3-base", synthetic=True)
+    """The network with the official stage contract: encode_image returns the encoder's f8
+    and f4 and segment projects them (``project_skips_early`` off). The default, early
+    projection is checked against the same arrays by the tests marked so."""
+    net = build_network("s3-base", synthetic=True)
+    net.project_skips_early = False
+    return net
+
+
+@contextlib.contextmanager
+def _early_skips(net):
+    net.project_skips_early = True
+    try:
+        yield net
+    finally:
+        net.project_skips_early = False
+
+
+def _project(conv: torch.nn.Conv2d, ref: np.ndarray) -> np.ndarray:
+    """A 1x1 projection of a recorded map ``(B, C, H, W)``, in float64."""
+    w = conv.weight.detach().double().flatten(1)
+    x = torch.from_numpy(np.asarray(ref, dtype=np.float64))
+    out = torch.einsum("oc,bchw->bohw", w, x) + conv.bias.detach().double().view(1, -1, 1, 1)
+    return out.numpy()
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +95,14 @@ def test_encode_image_and_key(net, inputs, stage: str, frame: int) -> None:
     _check(f8, ref["ms8"], "ms8")
     _check(f4, ref["ms4"], "ms4")
     _check(pix, ref["pix_feat"], "pix_feat")
+    with _early_skips(net):
+        (e16, e8, e4), _ = net.encode_image(_frame(inputs, frame))
+    # the early projection (folded into the encoder) against the recorded maps, projected
+    proj = net.mask_decoder.decoder_feat_proc.transforms
+    _check(e16, ref["ms16"], "ms16 (early skips)")
+    for ours, name, conv in ((e8, "ms8", proj[0]), (e4, "ms4", proj[1])):
+        tol = F16 if ref[name].dtype == np.float16 else F32
+        _check(ours, _project(conv, ref[name]), f"projected {name}", tol)
     key, shrink, sel = net.transform_key(_t(ref["ms16"]))
     _check(key, ref["key"], "key")
     _check(shrink, ref["shrinkage"], "shrinkage")
@@ -159,3 +190,11 @@ def test_readout_transformer_and_segment(net, stage: str) -> None:
     _check(sensory, ref["seg_sensory_out"], "seg_sensory_out", F16)
     _check(logits, ref["seg_logits"], "seg_logits", F16)
     _check(prob, ref["seg_prob"], "seg_prob", F16)
+    # The same decoder on skip features projected before it (the default, early projection).
+    proj = net.mask_decoder.decoder_feat_proc.transforms
+    early = [_t(ms["ms16"]), _t(_project(proj[0], ms["ms8"])), _t(_project(proj[1], ms["ms4"]))]
+    with _early_skips(net):
+        sensory, logits, prob = net.segment(early, readout, _t(ref["seg_sensory_in"]))
+    _check(sensory, ref["seg_sensory_out"], "seg_sensory_out (early skips)", F16)
+    _check(logits, ref["seg_logits"], "seg_logits (early skips)", F16)
+    _check(prob, ref["seg_prob"], "seg_prob (early skips)", F16)

@@ -228,6 +228,9 @@ def test_ms_deform_attn_core_matches_direct_sampling(core) -> None:
     lq = 6
     value = torch.randn(n, s, m, d, generator=g)
     loc = torch.rand(n, lq, m, len(shapes), p, 2, generator=g) * 1.4 - 0.2  # some outside
+    loc[0, 0, 0, 0, 0] = torch.tensor([-2.0, 3.0])  # cells away from the map: reads zero
+    loc[1, 1, 1, 1, 1] = torch.tensor([0.5, -1.5])
+    loc[1, 2, 2, 0, 0] = torch.tensor([0.37, 1.0 + 0.4 / 3])  # one row below, half a cell
     weights = torch.rand(n, lq, m, len(shapes), p, generator=g)
     out = core(value, shapes, loc, weights)  # (N, Lq, M*D)
     assert out.shape == (n, lq, m * d)
@@ -243,6 +246,23 @@ def test_ms_deform_attn_core_matches_direct_sampling(core) -> None:
                         want += weights[b, q, head, lvl, pt].item() * _bilinear_zero_pad(img, x, y)
                 got = out[b, q, head * d : (head + 1) * d].double()
                 torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_gathered_sampling_gradients_equal_grid_samples() -> None:
+    """Training goes through the gather too: gradients for the values, the sampling locations
+    and the attention weights equal the grid_sample path's, points outside the maps included."""
+    g = torch.Generator().manual_seed(2)
+    shapes = [(4, 6), (2, 3)]
+    value = torch.randn(2, 30, 3, 4, generator=g, requires_grad=True)
+    loc = (torch.rand(2, 5, 3, 2, 2, 2, generator=g) * 1.8 - 0.4).requires_grad_()
+    weights = torch.rand(2, 5, 3, 2, 2, generator=g, requires_grad=True)
+    target = torch.randn(2, 5, 12, generator=g)
+    grads = []
+    for core in (ms_deform_attn_core, ms_deform_attn_gather):
+        out = core(value, shapes, loc, weights)
+        grads.append(torch.autograd.grad((out * target).sum(), (value, loc, weights)))
+    for ours, ref in zip(grads[1], grads[0], strict=True):
+        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
 
 
 def test_ms_deform_attn_zero_offsets_read_the_reference_cell() -> None:
@@ -325,6 +345,47 @@ def test_token_upsampling_equals_transposed_convolution() -> None:
     (grad_ref,) = torch.autograd.grad((ref * c1).sum(), tokens)
     (grad_ours,) = torch.autograd.grad((ours * c1).sum(), tokens)
     torch.testing.assert_close(grad_ours, grad_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_projected_skips_equal_projecting_the_maps() -> None:
+    """``skip_proj`` folded into the encoder's last steps == the 1x1 projections applied to
+    f8 and f4; the folded weights follow in-place changes of the parameters and statistics;
+    in training (batch statistics) the encoder projects the maps it formed."""
+    torch.manual_seed(0)
+    enc = ViTAdapterEncoder(SMALL).eval()
+    with torch.no_grad():
+        for bn in (enc.norm1, enc.norm2):
+            for t in (bn.weight, bn.bias, bn.running_mean):
+                torch.nn.init.normal_(t, std=0.5)
+            bn.running_var.uniform_(0.5, 2.0)
+        torch.nn.init.normal_(enc.up.bias, std=0.5)
+    dim = SMALL.embed_dim
+    proj = (torch.nn.Conv2d(dim, 24, 1), torch.nn.Conv2d(dim, 16, 1))
+    x = torch.randn(2, 3, 64, 96)
+
+    def check() -> None:
+        with torch.no_grad():
+            f16, f8, f4 = enc(x)
+            ours = enc(x, skip_proj=proj)
+            assert "_cached_skip_folds" in enc.__dict__  # the folded order ran
+            torch.testing.assert_close(ours[0], f16, rtol=0, atol=0)
+            torch.testing.assert_close(ours[1], proj[0](f8), rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(ours[2], proj[1](f4), rtol=1e-4, atol=1e-4)
+        assert ours[2].shape == (2, 16, 16, 24) and ours[2].is_contiguous()
+
+    check()
+    with torch.no_grad():
+        enc.norm1.running_mean.add_(1.0)
+        enc.spm.fc1.bias.add_(0.5)
+        proj[1].weight.mul_(2.0)
+    check()  # the cached folds were refreshed (stale ones would miss by ~1)
+    enc.train()
+    enc.__dict__.pop("_cached_skip_folds")
+    ref = enc(x)
+    ours = enc(x, skip_proj=proj)
+    assert "_cached_skip_folds" not in enc.__dict__
+    torch.testing.assert_close(ours[2], proj[1](ref[2]), rtol=1e-5, atol=1e-5)
+    assert ours[2].requires_grad
 
 
 def test_bf16_autocast_keeps_the_stride4_map_in_bf16() -> None:

@@ -31,6 +31,7 @@ from torch import nn
 from s3cli.model.backbones.vit import VisionTransformer
 from s3cli.model.layers.conv_bn import channels_last_stem, conv_bn_sequential
 from s3cli.model.layers.deformable_attention import MSDeformAttn, Sampler, reference_points_for
+from s3cli.model.layers.derived import cached_derived
 
 __all__ = [
     "ConvFFN",
@@ -105,11 +106,16 @@ class SpatialPriorModule(nn.Module):
         self.fc2 = nn.Conv2d(2 * inplanes, embed_dim, kernel_size=1)
         self.fc3 = nn.Conv2d(4 * inplanes, embed_dim, kernel_size=1)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(
+        self, x: torch.Tensor, lift_c1: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``lift_c1=False`` returns c1 as the stem made it, ``(B, inplanes, H/4, W/4)``, for a
+        caller that folds ``fc1`` into what it does with c1 next."""
         c1 = channels_last_stem(self.stem, x)  # (B, 64, H/4, W/4)
         c2 = conv_bn_sequential(self.conv2, c1)  # (B, 128, H/8, W/8)
         c3 = conv_bn_sequential(self.conv3, c2)  # (B, 256, H/16, W/16)
-        c1 = self.fc1(c1)  # (B, C, H/4, W/4)
+        if lift_c1:
+            c1 = self.fc1(c1)  # (B, C, H/4, W/4)
         c2 = self.fc2(c2).flatten(2).transpose(1, 2)  # (B, H/8*W/8, C)
         c3 = self.fc3(c3).flatten(2).transpose(1, 2)  # (B, H/16*W/16, C)
         return c1, c2, c3
@@ -302,6 +308,38 @@ class InteractionBlock(nn.Module):
         return c
 
 
+def _token_map(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Tokens ``(B, h*w, C)`` as a contiguous map ``(B, C, h, w)``."""
+    return tokens.transpose(1, 2).reshape(tokens.shape[0], -1, h, w).contiguous()
+
+
+def _resize(x: torch.Tensor, factor: int) -> torch.Tensor:
+    """Bilinear resizing by ``factor`` (``align_corners=False``, as the official code)."""
+    return F.interpolate(x, scale_factor=factor, mode="bilinear", align_corners=False)
+
+
+def _bn_tensors(bn: nn.BatchNorm2d) -> list[torch.Tensor | None]:
+    return [bn.weight, bn.bias, bn.running_mean, bn.running_var]
+
+
+def _affine_after_bn(bn: nn.BatchNorm2d, conv: nn.Conv2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(A, k)`` with ``conv(bn(x)) = A x + k`` per pixel, for a 1x1 ``conv`` and ``bn`` in
+    eval mode: ``A`` ``(O, C)``, ``k`` ``(O,)``, float32."""
+    if bn.running_var is None or bn.running_mean is None:
+        raise ValueError("cannot fold a batch norm without running statistics")
+    scale = torch.rsqrt(bn.running_var.float() + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight.float()
+    shift = -bn.running_mean.float() * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias.float()
+    weight = conv.weight.float().flatten(1)  # (O, C)
+    const = weight @ shift
+    if conv.bias is not None:
+        const = const + conv.bias.float()
+    return weight * scale, const
+
+
 class ViTAdapterEncoder(nn.Module):
     """Frozen ViT-B + spatial-semantic adapter; returns ``[f16, f8, f4]`` (all ``embed_dim`` ch).
 
@@ -351,11 +389,21 @@ class ViTAdapterEncoder(nn.Module):
                 tokens = blk(tokens)
         return tokens
 
-    def forward(self, x: torch.Tensor, capture: Capture | None = None) -> list[torch.Tensor]:
+    def forward(
+        self,
+        x: torch.Tensor,
+        capture: Capture | None = None,
+        skip_proj: tuple[nn.Conv2d, nn.Conv2d] | None = None,
+    ) -> list[torch.Tensor]:
         """Encode a normalised image ``(B, 3, H, W)``.
 
         Returns ``[f16, f8, f4]``: ``(B, C, H/16, W/16)``, ``(B, C, H/8, W/8)``,
         ``(B, C, H/4, W/4)``.
+
+        ``skip_proj``, when given, is a pair of 1x1 convolutions (the mask decoder's projections
+        of its stride-8 and stride-4 skip features); the stride-8 and stride-4 outputs are then
+        ``skip_proj[0](f8)`` and ``skip_proj[1](f4)``, computed at inference without forming the
+        ``C``-channel maps (see :meth:`_projected_skips`).
 
         ``capture``, when given, is filled with adapter internals (for tests): ``vit_tokens_in``,
         ``spm_c2``, ``spm_c3`` (before the level embedding), and per block i ``int{i}_x``,
@@ -370,9 +418,10 @@ class ViTAdapterEncoder(nn.Module):
         h, w = height // p, width // p
         dim = self.cfg.embed_dim
         n8 = 4 * h * w
+        fold = skip_proj is not None and capture is None and self._can_fold(x, skip_proj)
 
         # Spatial prior: stride-8 then stride-16 tokens, each with its level embedding.
-        c1, c2, c3 = self.spm(x)
+        c1, c2, c3 = self.spm(x, lift_c1=not fold)
         if capture is not None:
             capture["spm_c2"], capture["spm_c3"] = c2, c3
         c = torch.cat([c2 + self.level_embed[0], c3 + self.level_embed[1]], dim=1)  # (B, 5hw, C)
@@ -384,7 +433,7 @@ class ViTAdapterEncoder(nn.Module):
         if capture is not None:
             capture["vit_tokens_in"] = tokens
 
-        vit_maps: list[torch.Tensor] = []
+        vit_tokens: list[torch.Tensor] = []  # (B, hw, C) after blocks 0, 1, 2
         for i, (layer, (first, last)) in enumerate(
             zip(self.interactions, self.cfg.interaction_indexes, strict=True)
         ):
@@ -396,26 +445,119 @@ class ViTAdapterEncoder(nn.Module):
                 capture[f"int{i}_c16_after_cls"] = capture[f"int{i}_c_after_cls"][:, n8:]
                 capture[f"int{i}_c16_out"] = c[:, n8:]
             if i < 3:  # blocks 0-2 feed strides 4/8/16; later blocks' ViT maps are unused
-                # contiguous (NCHW) like the official code: the resize kernel depends on layout
-                vit_maps.append(xs.transpose(1, 2).reshape(b, dim, h, w).contiguous())
+                vit_tokens.append(xs)
         if capture is not None:
             capture["int0_c8_after_extractor_first64"] = capture["int0_c_after_extractor"][:, :64]
 
         # Back to maps; stride 4 = upsampled stride-8 map + the stem's stride-4 map, and the ViT
         # features of blocks 0, 1, 2 at strides 4, 8, 16. Under autocast the ViT maps join in the
         # dtype of the maps they are added to (a float32 one would promote the whole sum).
-        f8 = c[:, :n8].transpose(1, 2).reshape(b, dim, 2 * h, 2 * w).contiguous()
+        # Maps are contiguous (NCHW) like the official code's: the resize kernel depends on layout.
         f16 = c[:, n8:].transpose(1, 2).reshape(b, dim, h, w).contiguous()
+        f16 = self.norm3(f16 + _token_map(vit_tokens[2], h, w).to(f16.dtype))
+        if fold:
+            assert skip_proj is not None
+            return [f16, *self._projected_skips(c[:, :n8], c1, vit_tokens, skip_proj, h, w)]
+        f8 = c[:, :n8].transpose(1, 2).reshape(b, dim, 2 * h, 2 * w).contiguous()
         if self.cfg.upsample_as_matmul:
             f4 = self._upsample_tokens(c[:, :n8], c1, 2 * h, 2 * w)
         else:
             f4 = self.up(f8) + c1
-        vit4 = F.interpolate(vit_maps[0], scale_factor=4, mode="bilinear", align_corners=False)
-        vit8 = F.interpolate(vit_maps[1], scale_factor=2, mode="bilinear", align_corners=False)
-        f4 = f4 + vit4.to(f4.dtype)
-        f8 = f8 + vit8.to(f8.dtype)
-        f16 = f16 + vit_maps[2].to(f16.dtype)
-        return [self.norm3(f16), self.norm2(f8), self.norm1(f4)]
+        vit4 = _resize(_token_map(vit_tokens[0], h, w), 4)
+        vit8 = _resize(_token_map(vit_tokens[1], h, w), 2)
+        f4 = self.norm1(f4 + vit4.to(f4.dtype))
+        f8 = self.norm2(f8 + vit8.to(f8.dtype))
+        if skip_proj is not None:
+            return [f16, skip_proj[0](f8), skip_proj[1](f4)]
+        return [f16, f8, f4]
+
+    def _can_fold(self, x: torch.Tensor, skip_proj: tuple[nn.Conv2d, nn.Conv2d]) -> bool:
+        """Whether :meth:`_projected_skips` applies: inference with running statistics, and
+        plain 1x1 projections."""
+        if self.training or any(bn.training for bn in (self.norm1, self.norm2)):
+            return False
+        for conv in skip_proj:
+            if conv.kernel_size != (1, 1) or conv.stride != (1, 1) or conv.groups != 1:
+                return False
+            if conv.padding not in ((0, 0), "valid"):
+                return False
+        params = [*self.parameters(), *(p for conv in skip_proj for p in conv.parameters())]
+        wants_grad = x.requires_grad or any(p.requires_grad for p in params)
+        return not (torch.is_grad_enabled() and wants_grad)
+
+    def _skip_folds(self, skip_proj: tuple[nn.Conv2d, nn.Conv2d]) -> dict[str, torch.Tensor]:
+        """The folded weights of :meth:`_projected_skips`, cached until a source changes."""
+        sources = [
+            *(t for conv in (*skip_proj, self.up, self.spm.fc1) for t in (conv.weight, conv.bias)),
+            *(t for bn in (self.norm1, self.norm2) for t in _bn_tensors(bn)),
+        ]
+        if torch.compiler.is_compiling():  # traced: no cache on the module
+            return self._fold_skips(skip_proj)
+        make = lambda: self._fold_skips(skip_proj)  # noqa: E731
+        return cached_derived(self, "_cached_skip_folds", sources, make)
+
+    @torch.no_grad()
+    def _fold_skips(self, skip_proj: tuple[nn.Conv2d, nn.Conv2d]) -> dict[str, torch.Tensor]:
+        """In eval mode ``P(BN(x)) = A x + k`` per pixel with ``A = W diag(s)`` and
+        ``k = W t + b`` (``P``'s weight and bias ``W``, ``b``; the batch norm's scale and shift
+        ``s``, ``t``). Returns, in the parameters' dtype:
+
+        - ``a8``, ``k8``: ``(O8, C)``, ``(O8,)`` for the stride-8 output;
+        - ``a4``: ``(O4, C)``; ``up``: ``(C, O4 * 4)``, the transposed convolution's weight
+          ``(C, C, 2, 2)`` followed by ``A4`` (columns ordered (O4, 2, 2)); ``fc1``:
+          ``(O4, inplanes, 1, 1)``, the stem's lift followed by ``A4``; ``k4``: ``(O4,)``, every
+          constant of the stride-4 sum (both biases through ``A4``, plus ``W4 t4 + b4``).
+        """
+        a8, k8 = _affine_after_bn(self.norm2, skip_proj[0])
+        a4, k4 = _affine_after_bn(self.norm1, skip_proj[1])
+        up = torch.einsum("icab,oc->ioab", self.up.weight.float(), a4).flatten(1)
+        fc1 = self.spm.fc1
+        lift = (a4 @ fc1.weight.float().flatten(1))[..., None, None]
+        k4 = k4 + a4 @ (self.up.bias.float() + fc1.bias.float())
+        dtype = self.up.weight.dtype
+        folds = {"a8": a8, "k8": k8, "a4": a4, "up": up, "fc1": lift, "k4": k4}
+        return {k: v.to(dtype).contiguous() for k, v in folds.items()}
+
+    def _projected_skips(
+        self,
+        c8: torch.Tensor,
+        c1: torch.Tensor,
+        vit_tokens: list[torch.Tensor],
+        skip_proj: tuple[nn.Conv2d, nn.Conv2d],
+        h: int,
+        w: int,
+    ) -> list[torch.Tensor]:
+        """``[P8(norm2(f8)), P4(norm1(f4))]`` with the projections folded in first.
+
+        Every step from the tokens to the projected skip features is linear and acts per pixel
+        on the channels (the batch norms at inference, the 1x1 projections, the stem's lift
+        ``fc1``, the 2x2 transposed convolution on each cell) or per channel on the positions
+        (bilinear resizing), so the projection moves before the resizing and the upsampling:
+        the ``C``-channel stride-4 map (768 x 120 x 216 at 480p, a dozen passes over it and
+        the 31 GFLOP transposed convolution in the plain order) is never formed; everything
+        runs at the projections' widths. Equal to the plain order to float rounding.
+
+        Shapes: c8 (B, 4hw, C) stride-8 tokens; c1 (B, inplanes, 4h, 4w) the stem's map (not
+        lifted); vit_tokens [(B, hw, C)] of ViT blocks 0 and 1 -> [(B, O8, 2h, 2w),
+        (B, O4, 4h, 4w)].
+        """
+        folds = self._skip_folds(skip_proj)
+        b = c8.shape[0]
+        # stride 8: the tokens and the ViT map projected, then the ViT map resized
+        s8 = F.linear(c8, folds["a8"], folds["k8"]).transpose(1, 2)  # (B, O8, 4hw)
+        s8 = s8.reshape(b, -1, 2 * h, 2 * w)  # a new contiguous map
+        v8 = _token_map(F.linear(vit_tokens[1], folds["a8"]), h, w)  # (B, O8, h, w)
+        s8.add_(_resize(v8, 2).to(s8.dtype))
+        # stride 4: lifted stem map with all constants, the transposed convolution's 2x2 blocks
+        # scattered onto it, the ViT map resized
+        s4 = F.conv2d(c1, folds["fc1"], folds["k4"]).contiguous()  # (B, O4, 4h, 4w)
+        o4 = s4.shape[1]
+        blocks = torch.matmul(c8, folds["up"])  # (B, 4hw, O4 * 2 * 2)
+        blocks = blocks.view(b, 2 * h, 2 * w, o4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+        s4.view(b, o4, 2 * h, 2, 2 * w, 2).add_(blocks.to(s4.dtype))
+        v4 = _token_map(F.linear(vit_tokens[0], folds["a4"]), h, w)  # (B, O4, h, w)
+        s4.add_(_resize(v4, 4).to(s4.dtype))
+        return [s8, s4]
 
     def _upsample_tokens(
         self, tokens: torch.Tensor, c1: torch.Tensor, h8: int, w8: int

@@ -26,10 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from s3cli.model.layers.derived import cached_derived
+
 __all__ = ["channels_last_stem", "conv_bn", "conv_bn_sequential", "fold_conv_bn"]
-
-_Key = tuple[tuple[int, int, torch.dtype, torch.device], ...]
-
 
 def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
     """``(weight, bias)`` of the one convolution equal to ``bn(conv(x))`` in eval mode."""
@@ -50,24 +49,9 @@ def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, tor
         return weight.to(conv.weight.dtype).contiguous(), shift.to(conv.weight.dtype)
 
 
-def _version_key(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> _Key | None:
-    tensors = [conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var]
-    present = [t for t in tensors if t is not None]
-    if any(t.is_inference() for t in present):
-        return None  # no version counter to tell a change by: fold on every call
-    return tuple((t._version, t.data_ptr(), t.dtype, t.device) for t in present)
-
-
 def _folded(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
-    key = _version_key(conv, bn)
-    if key is None:
-        return fold_conv_bn(conv, bn)
-    cached = bn.__dict__.get("_folded_conv")
-    if cached is not None and cached[0] == key:
-        return cached[1], cached[2]
-    weight, bias = fold_conv_bn(conv, bn)
-    bn.__dict__["_folded_conv"] = (key, weight, bias)
-    return weight, bias
+    sources = [conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var]
+    return cached_derived(bn, "_folded_conv", sources, lambda: fold_conv_bn(conv, bn))
 
 
 def _can_fuse(conv: nn.Conv2d, bn: nn.BatchNorm2d | None, x: torch.Tensor) -> bool:

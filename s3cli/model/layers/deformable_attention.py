@@ -11,7 +11,9 @@ Two samplers compute this:
   the path the official S3 code takes on CPU, with the operations in the same order;
 - ``gather`` (:func:`ms_deform_attn_gather`, the default): every sample becomes its four bilinear
   corners, each weighted by (bilinear weight x attention weight), and one weighted
-  ``embedding_bag`` sums the corner rows of the ``(S * M, D)`` value table per (query, head).
+  ``embedding_bag`` sums the corner rows of the value table per (query, head); the table has a
+  zero border, so corners outside the map need no mask (21 -> 12 ms per adapter extractor at
+  480p on two cores).
   The value table is read in its natural row layout (grid_sample wants ``(N*M, D, H, W)`` and
   reads one channel plane at a time), and the ``(N*M, D, Lq, P)`` sample tensor is never
   written: 7-8x faster on CPU at 480p. Corner positions and bilinear weights are computed as
@@ -108,9 +110,16 @@ def ms_deform_attn_gather(
 ) -> torch.Tensor:
     """Same contract as :func:`ms_deform_attn_core`, computed as one weighted row gather.
 
+    The value table is laid out head-major, ``(N, M, S', D)``, each level's map with a border of
+    zeros two cells wide. Every sample's top-left corner is clamped to [-2, size] per axis
+    (before the border offset), so both of its columns and rows land in the bordered map, and a
+    corner outside the map reads the zero that grid_sample's zero padding gives it: no corner
+    needs a mask, and the indices are int32. The sums take the same terms in the same order as
+    grid_sample's bilinear weights times the attention weights (outside corners add zeros).
+
     Returns ``(N, Lq, M * D)`` in ``value``'s dtype; the sampling itself runs in float32.
     """
-    n, s, m, d = value.shape
+    n, _, m, d = value.shape
     _, lq, _, n_levels, n_points, _ = sampling_locations.shape
     device = value.device
     sizes = torch.tensor([[w, h] for h, w in spatial_shapes], dtype=torch.float32, device=device)
@@ -121,35 +130,46 @@ def ms_deform_attn_gather(
     pix = torch.addcmul((sizes - 1) / 2, grids, sizes / 2)
     corner = pix.floor()
     frac = pix - corner  # (..., 2): fractional x, y
-    ix, iy = corner[..., 0].long(), corner[..., 1].long()  # (N, Lq, M, L, P)
+    # Head-major bordered table: level l is an (H_l + 4) x (W_l + 4) grid of rows per head.
+    tables, starts, total = [], [], 0
+    levels = value.split([h * w for h, w in spatial_shapes], 1)
+    for level, (h, w) in zip(levels, spatial_shapes, strict=True):
+        grid = level.float().reshape(n, h, w, m, d).permute(0, 3, 1, 2, 4)  # (N, M, H, W, D)
+        tables.append(F.pad(grid, (0, 0, 2, 2, 2, 2)).flatten(2, 3))  # (N, M, S_l', D)
+        starts.append(total)
+        total += (h + 4) * (w + 4)
+    table = tables[0] if n_levels == 1 else torch.cat(tables, 2)  # (N, M, S', D)
+    # Bordered coordinates of the left column and top row: (N, Lq, M, L, P, 2) in [0, size + 2].
+    near = corner.clamp_(min=-2).minimum(sizes).add_(2).to(torch.int32)
+    far = near + 1
+    width = sizes[..., 0].to(torch.int32) + 4  # (L, 1): bordered row length
+    # First row of each (batch, head) table and level: (N, 1, M, L, 1).
+    bag = torch.arange(n * m, dtype=torch.int32, device=device).view(n, 1, m, 1, 1)
+    base = bag * total + torch.tensor(starts, dtype=torch.int32, device=device).view(-1, 1)
+    top = base + near[..., 1] * width  # (N, Lq, M, L, P)
+    bottom = base + far[..., 1] * width
+    left, right = near[..., 0], far[..., 0]
     fx, fy = frac[..., 0], frac[..., 1]
-    widths = sizes[..., 0].long()  # (L, 1)
-    heights = sizes[..., 1].long()
-    starts = torch.tensor([0] + [h * w for h, w in spatial_shapes][:-1], device=device).cumsum(0)[
-        :, None
-    ]  # (L, 1): first row of each level in the value table
+    gx, gy = 1 - fx, 1 - fy
     weights = attention_weights.float()
-    rows, coeffs = [], []
-    for dy, wy in ((0, 1 - fy), (1, fy)):
-        for dx, wx in ((0, 1 - fx), (1, fx)):
-            x, y = ix + dx, iy + dy
-            inside = (x >= 0) & (x < widths) & (y >= 0) & (y < heights)
-            coeffs.append(torch.where(inside, wy * wx * weights, 0.0))  # zero padding
-            y = y.clamp(min=0).minimum(heights - 1)
-            rows.append(starts + y * widths + x.clamp(min=0).minimum(widths - 1))
-    # (N, Lq, M, L, P, 4) -> (N, Lq, M, L*P*4): one bag per (batch, query, head)
-    coeff = torch.stack(coeffs, -1).flatten(3)
-    row = torch.stack(rows, -1).flatten(3)
-    # Value table row of (batch b, position r, head h) in (N, S, M, D) is (b*S + r)*M + h.
-    batch = torch.arange(n, device=device).view(n, 1, 1, 1) * s
-    head = torch.arange(m, device=device).view(1, 1, m, 1)
-    row = (batch + row) * m + head
+    # Corners in the order (top, left), (top, right), (bottom, left), (bottom, right).
+    rows = torch.empty((n, lq, m, n_levels, n_points, 4), dtype=torch.int32, device=device)
+    for k, (row, col) in enumerate(((top, left), (top, right), (bottom, left), (bottom, right))):
+        torch.add(row, col, out=rows[..., k])
+    pairs = ((gy, gx), (gy, fx), (fy, gx), (fy, fx))  # bilinear weights of the four corners
+    if torch.is_grad_enabled() and (weights.requires_grad or frac.requires_grad):
+        coeff = torch.stack([wy * wx * weights for wy, wx in pairs], -1)
+    else:  # written in place, no stacking copy
+        coeff = torch.empty(rows.shape, dtype=torch.float32, device=device)
+        for k, (wy, wx) in enumerate(pairs):
+            torch.mul(wy * wx, weights, out=coeff[..., k])
+    per_bag = n_levels * n_points * 4
     out = F.embedding_bag(
-        row.view(-1, row.shape[-1]),
-        value.float().reshape(n * s * m, d),
-        per_sample_weights=coeff.view(-1, coeff.shape[-1]),
+        rows.view(-1, per_bag),
+        table.reshape(-1, d),
+        per_sample_weights=coeff.view(-1, per_bag),
         mode="sum",
-    )  # (N * Lq * M, D)
+    )  # (N * Lq * M, D): one bag per (batch, query, head)
     return out.view(n, lq, m * d).to(value.dtype)
 
 
