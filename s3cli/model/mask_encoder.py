@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from s3cli.model.backbones.resnet import make_layer
-from s3cli.model.layers.conv_bn import channels_last_stem
+from s3cli.model.layers.conv_bn import conv_bn_sequential
 from s3cli.model.layers.group import GroupFeatureFusionBlock
 from s3cli.model.sensory import SensoryDeepUpdater
 
@@ -45,9 +45,11 @@ class MaskEncoder(nn.Module):
 
     def _trunk(self, g: torch.Tensor) -> torch.Tensor:
         # Official order: conv, BN, max-pool, then ReLU; ReLU commutes with the max-pool
-        # exactly, so it runs fused into the convolution.
-        g = channels_last_stem((self.conv1, self.bn1, self.relu, self.maxpool), g)
-        return self.layer3(self.layer2(self.layer1(g)))
+        # exactly, so it runs fused into the convolution. Channels-last throughout, as the
+        # pixel encoder's trunk (ResNetEncoder.forward); the result goes back to contiguous.
+        g = g.contiguous(memory_format=torch.channels_last)
+        g = conv_bn_sequential((self.conv1, self.bn1, self.relu, self.maxpool), g)
+        return self.layer3(self.layer2(self.layer1(g))).contiguous()
 
     def forward(
         self,

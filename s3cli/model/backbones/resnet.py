@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from s3cli.model.layers.conv_bn import channels_last_stem, conv_bn
+from s3cli.model.layers.conv_bn import conv_bn, conv_bn_sequential
 
 __all__ = ["BasicBlock", "Bottleneck", "make_layer", "ResNetEncoder", "RESNET_LAYERS"]
 
@@ -112,11 +112,15 @@ class ResNetEncoder(nn.Module):
         self.ms_dims = (256 * exp, 128 * exp, 64 * exp)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        x = channels_last_stem((self.conv1, self.bn1, self.relu, self.maxpool), x)
+        # The whole trunk runs channels-last (oneDNN's convolutions skip their layout reorders:
+        # 193 -> 158 ms bf16, 335 -> 283 ms fp32 for ResNet-50 at 480p on two cores); the
+        # features go back to the contiguous layout the rest of the network uses.
+        x = x.contiguous(memory_format=torch.channels_last)
+        x = conv_bn_sequential((self.conv1, self.bn1, self.relu, self.maxpool), x)
         f4 = self.res2(x)
         f8 = self.layer2(f4)
         f16 = self.layer3(f8)
-        return [f16, f8, f4]
+        return [f16.contiguous(), f8.contiguous(), f4.contiguous()]
 
     def train(self, mode: bool = True) -> ResNetEncoder:
         super().train(False)
