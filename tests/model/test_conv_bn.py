@@ -10,7 +10,6 @@ from torch import nn
 
 from s3cli.model.backbones.resnet import ResNetEncoder
 from s3cli.model.layers.conv_bn import (
-    channels_last_stem,
     conv_bn,
     conv_bn_sequential,
     fold_conv_bn,
@@ -139,16 +138,19 @@ def test_sequential_runs_conv_bn_relu_groups() -> None:
         torch.testing.assert_close(conv_bn_sequential(seq, x), seq(x), rtol=1e-5, atol=1e-5)
 
 
-def test_channels_last_stem_equals_the_modules_and_returns_contiguous() -> None:
+def test_channels_last_input_keeps_its_layout() -> None:
+    """The trunks run channels-last: a stem on a channels-last input equals the modules and
+    stays channels-last, with gradients too."""
     conv, bn = _pair(3, 16, 7, 2, False, seed=11)
     stem = nn.Sequential(conv, bn, nn.ReLU(), nn.MaxPool2d(3, 2, 1)).eval()
-    x = torch.randn(2, 3, 40, 56)
+    x = torch.randn(2, 3, 40, 56).contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
-        out = channels_last_stem(stem, x)
-        ref = stem(x)
-    assert out.is_contiguous() and out.shape == ref.shape == (2, 16, 10, 14)
+        out = conv_bn_sequential(stem, x)
+        ref = stem(x.contiguous())
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert out.shape == ref.shape == (2, 16, 10, 14)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-    # with gradients it runs the modules (channels-last) and stays differentiable
-    y = channels_last_stem(stem, x.requires_grad_())
+    # with gradients it runs the modules as written and stays differentiable
+    y = conv_bn_sequential(stem, x.requires_grad_())
     y.sum().backward()
     assert x.grad is not None and conv.weight.grad is not None

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from s3cli.model.backbones.vit import VisionTransformer
-from s3cli.model.layers.conv_bn import channels_last_stem, conv_bn_sequential
+from s3cli.model.layers.conv_bn import conv_bn_sequential
 from s3cli.model.layers.deformable_attention import MSDeformAttn, Sampler, reference_points_for
 from s3cli.model.layers.derived import cached_derived
 
@@ -111,14 +111,16 @@ class SpatialPriorModule(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``lift_c1=False`` returns c1 as the stem made it, ``(B, inplanes, H/4, W/4)``, for a
         caller that folds ``fc1`` into what it does with c1 next."""
-        c1 = channels_last_stem(self.stem, x)  # (B, 64, H/4, W/4)
+        # Channels-last throughout (no layout reorders in oneDNN's convolutions), so the
+        # token lists come out of the 1x1 lifts contiguous, without a transposing copy.
+        c1 = conv_bn_sequential(self.stem, x.contiguous(memory_format=torch.channels_last))
         c2 = conv_bn_sequential(self.conv2, c1)  # (B, 128, H/8, W/8)
         c3 = conv_bn_sequential(self.conv3, c2)  # (B, 256, H/16, W/16)
         if lift_c1:
-            c1 = self.fc1(c1)  # (B, C, H/4, W/4)
+            c1 = self.fc1(c1).contiguous()  # (B, C, H/4, W/4)
         c2 = self.fc2(c2).flatten(2).transpose(1, 2)  # (B, H/8*W/8, C)
         c3 = self.fc3(c3).flatten(2).transpose(1, 2)  # (B, H/16*W/16, C)
-        return c1, c2, c3
+        return c1, c2, c3  # c1 (B, 64, H/4, W/4) channels-last when not lifted
 
 
 class SemanticCrossAttention(nn.Module):

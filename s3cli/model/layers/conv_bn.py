@@ -28,7 +28,8 @@ from torch import nn
 
 from s3cli.model.layers.derived import cached_derived
 
-__all__ = ["channels_last_stem", "conv_bn", "conv_bn_sequential", "fold_conv_bn"]
+__all__ = ["conv_bn", "conv_bn_sequential", "fold_conv_bn"]
+
 
 def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
     """``(weight, bias)`` of the one convolution equal to ``bn(conv(x))`` in eval mode."""
@@ -143,17 +144,3 @@ def conv_bn_sequential(seq: nn.Sequential | Sequence[nn.Module], x: torch.Tensor
             x = m(x)
             i += 1
     return x
-
-
-def channels_last_stem(seq: nn.Sequential | Sequence[nn.Module], x: torch.Tensor) -> torch.Tensor:
-    """A stem (convolutions, batch norms, ReLUs, then a max-pool) run channels-last, returned
-    contiguous.
-
-    The stems end in a max-pool over their largest map (stride 2, e.g. (B, 64, H/2, W/2)), and
-    CPU max-pooling is an order of magnitude faster on a channels-last map (4.5 vs 59 ms for
-    (1, 64, 240, 432) on one thread): the convolutions take the channels-last image (3 to 5
-    channels: a cheap copy) and write channels-last maps themselves, and only the pooled map,
-    a quarter of the size, goes back to the contiguous layout the rest of the network uses.
-    Max-pooling picks the same values in either layout.
-    """
-    return conv_bn_sequential(seq, x.contiguous(memory_format=torch.channels_last)).contiguous()
