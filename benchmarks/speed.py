@@ -96,7 +96,7 @@ def use_official_formulation(net: torch.nn.Module) -> None:
     semantic attention, the transposed convolution on the map, the decoder's skip projections
     after the encoder): the FLOPs counted then are the official code's, the work the issue's
     floor is defined on (the folded semantic attention does 76 GFLOP less per 480p frame, the
-    early skip projection 28 GFLOP less)."""
+    early skip projection 32 GFLOP less)."""
     from s3cli.model.backbones.vit import Attention
     from s3cli.model.backbones.vit_adapter import SemanticCrossAttention, ViTAdapterEncoder
     from s3cli.model.layers.deformable_attention import MSDeformAttn

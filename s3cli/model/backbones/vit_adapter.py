@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from s3cli.model.backbones.vit import VisionTransformer
-from s3cli.model.layers.conv_bn import conv_bn_sequential
+from s3cli.model.layers.conv_bn import bn_scale, conv_bn_sequential
 from s3cli.model.layers.deformable_attention import MSDeformAttn, Sampler, reference_points_for
 from s3cli.model.layers.derived import cached_derived
 
@@ -179,6 +179,11 @@ class SemanticCrossAttention(nn.Module):
         return torch.baddbmm(mha.out_proj.bias.expand(b, 1, dim), probs, fold_o)  # (B, N, C)
 
 
+def _token_map(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Tokens ``(B, h*w, C)`` as a contiguous map ``(B, C, h, w)``."""
+    return tokens.transpose(1, 2).reshape(tokens.shape[0], -1, h, w).contiguous()
+
+
 class DWConv(nn.Module):
     """Depth-wise 3x3 conv on the token list ``[stride-8 tokens, stride-16 tokens]``.
 
@@ -191,11 +196,10 @@ class DWConv(nn.Module):
 
     def forward(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
         """``x``: ``(B, 4hw + hw, C)`` with (h, w) the stride-16 grid. Returns the same shape."""
-        b, _, c = x.shape
         # The official code splits at 16 * (N // 20), which is 4hw whenever it runs at all.
         n8 = 4 * h * w
-        x8 = x[:, :n8].transpose(1, 2).reshape(b, c, 2 * h, 2 * w).contiguous()  # (B, C, 2h, 2w)
-        x16 = x[:, n8:].transpose(1, 2).reshape(b, c, h, w).contiguous()  # (B, C, h, w)
+        x8 = _token_map(x[:, :n8], 2 * h, 2 * w)  # (B, C, 2h, 2w)
+        x16 = _token_map(x[:, n8:], h, w)  # (B, C, h, w)
         x8 = self.dwconv(x8).flatten(2).transpose(1, 2)  # (B, 4hw, C)
         x16 = self.dwconv(x16).flatten(2).transpose(1, 2)  # (B, hw, C)
         return torch.cat([x8, x16], dim=1)
@@ -310,11 +314,6 @@ class InteractionBlock(nn.Module):
         return c
 
 
-def _token_map(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """Tokens ``(B, h*w, C)`` as a contiguous map ``(B, C, h, w)``."""
-    return tokens.transpose(1, 2).reshape(tokens.shape[0], -1, h, w).contiguous()
-
-
 def _resize(x: torch.Tensor, factor: int) -> torch.Tensor:
     """Bilinear resizing by ``factor`` (``align_corners=False``, as the official code)."""
     return F.interpolate(x, scale_factor=factor, mode="bilinear", align_corners=False)
@@ -327,11 +326,7 @@ def _bn_tensors(bn: nn.BatchNorm2d) -> list[torch.Tensor | None]:
 def _affine_after_bn(bn: nn.BatchNorm2d, conv: nn.Conv2d) -> tuple[torch.Tensor, torch.Tensor]:
     """``(A, k)`` with ``conv(bn(x)) = A x + k`` per pixel, for a 1x1 ``conv`` and ``bn`` in
     eval mode: ``A`` ``(O, C)``, ``k`` ``(O,)``, float32."""
-    if bn.running_var is None or bn.running_mean is None:
-        raise ValueError("cannot fold a batch norm without running statistics")
-    scale = torch.rsqrt(bn.running_var.float() + bn.eps)
-    if bn.weight is not None:
-        scale = scale * bn.weight.float()
+    scale = bn_scale(bn)
     shift = -bn.running_mean.float() * scale
     if bn.bias is not None:
         shift = shift + bn.bias.float()
@@ -413,12 +408,11 @@ class ViTAdapterEncoder(nn.Module):
         ``int{i}_c_after_extractor``, ``int{i}_c16_out``, plus
         ``int0_c8_after_extractor_first64``. Tensors are stored, not copied.
         """
-        b, _, height, width = x.shape
+        height, width = x.shape[-2:]
         p = self.cfg.patch_size
         if height % p or width % p:
             raise ValueError(f"input {height}x{width} must be a multiple of {p} (S3 pads to 32)")
         h, w = height // p, width // p
-        dim = self.cfg.embed_dim
         n8 = 4 * h * w
         fold = skip_proj is not None and capture is None and self._can_fold(x, skip_proj)
 
@@ -455,12 +449,12 @@ class ViTAdapterEncoder(nn.Module):
         # features of blocks 0, 1, 2 at strides 4, 8, 16. Under autocast the ViT maps join in the
         # dtype of the maps they are added to (a float32 one would promote the whole sum).
         # Maps are contiguous (NCHW) like the official code's: the resize kernel depends on layout.
-        f16 = c[:, n8:].transpose(1, 2).reshape(b, dim, h, w).contiguous()
+        f16 = _token_map(c[:, n8:], h, w)
         f16 = self.norm3(f16 + _token_map(vit_tokens[2], h, w).to(f16.dtype))
         if fold:
             assert skip_proj is not None
             return [f16, *self._projected_skips(c[:, :n8], c1, vit_tokens, skip_proj, h, w)]
-        f8 = c[:, :n8].transpose(1, 2).reshape(b, dim, 2 * h, 2 * w).contiguous()
+        f8 = _token_map(c[:, :n8], 2 * h, 2 * w)
         if self.cfg.upsample_as_matmul:
             f4 = self._upsample_tokens(c[:, :n8], c1, 2 * h, 2 * w)
         else:

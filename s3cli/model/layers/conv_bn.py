@@ -28,20 +28,23 @@ from torch import nn
 
 from s3cli.model.layers.derived import cached_derived
 
-__all__ = ["conv_bn", "conv_bn_sequential", "fold_conv_bn"]
+__all__ = ["bn_scale", "conv_bn", "conv_bn_sequential", "fold_conv_bn"]
+
+
+def bn_scale(bn: nn.BatchNorm2d) -> torch.Tensor:
+    """The per-channel scale of ``bn`` in eval mode, ``gamma / sqrt(var + eps)``, float32
+    ``(C,)``; ``bn(x) = (x - mean) * scale + beta``."""
+    if bn.running_var is None or bn.running_mean is None:
+        raise ValueError("cannot fold a batch norm without running statistics")
+    scale = torch.rsqrt(bn.running_var.float() + bn.eps)
+    return scale if bn.weight is None else scale * bn.weight.float()
 
 
 def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
     """``(weight, bias)`` of the one convolution equal to ``bn(conv(x))`` in eval mode."""
     with torch.no_grad():
-        var = bn.running_var
-        mean = bn.running_mean
-        if var is None or mean is None:
-            raise ValueError("cannot fold a batch norm without running statistics")
-        scale = torch.rsqrt(var.float() + bn.eps)
-        if bn.weight is not None:
-            scale = scale * bn.weight.float()
-        shift = -mean.float() * scale
+        scale = bn_scale(bn)
+        shift = -bn.running_mean.float() * scale
         if conv.bias is not None:
             shift = shift + conv.bias.float() * scale
         if bn.bias is not None:

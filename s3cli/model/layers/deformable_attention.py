@@ -12,8 +12,8 @@ Two samplers compute this:
 - ``gather`` (:func:`ms_deform_attn_gather`, the default): every sample becomes its four bilinear
   corners, each weighted by (bilinear weight x attention weight), and one weighted
   ``embedding_bag`` sums the corner rows of the value table per (query, head); the table has a
-  zero border, so corners outside the map need no mask (21 -> 12 ms per adapter extractor at
-  480p on two cores).
+  zero border, so corners outside the map need no mask (21 -> 12 ms per call on the adapter's
+  480p shapes, two cores).
   The value table is read in its natural row layout (grid_sample wants ``(N*M, D, H, W)`` and
   reads one channel plane at a time), and the ``(N*M, D, Lq, P)`` sample tensor is never
   written: 7-8x faster on CPU at 480p. Corner positions and bilinear weights are computed as

@@ -50,35 +50,30 @@ class OneDNNLinear(nn.Linear):
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (
-            x.device.type == "cpu"
-            and x.dtype == torch.float32
-            and self.weight.dtype == torch.float32
-            and not torch.is_autocast_enabled("cpu")
-            and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))
-            and not torch.compiler.is_compiling()  # inductor picks its own kernels
-        ):
+        kernel = self._onednn_kernel(x)
+        if kernel == "fp32":
             return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
-        if self._bf16_applies(x):
-            weight, bias = cached_derived(
-                self, "_packed_bf16", [self.weight, self.bias], self._pack_bf16
-            )
-            return torch.ops.mkldnn._linear_pointwise(
-                x.to(torch.bfloat16), weight, bias, "none", [], ""
-            )
+        if kernel == "bf16":
+            sources = [self.weight, self.bias]
+            weight, bias = cached_derived(self, "_packed_bf16", sources, self._pack_bf16)
+            x = x.to(torch.bfloat16)
+            return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
 
-    def _bf16_applies(self, x: torch.Tensor) -> bool:
-        """CPU inference under bf16 autocast, float32 or bf16 operands."""
-        return (
-            x.device.type == "cpu"
-            and torch.is_autocast_enabled("cpu")
-            and torch.get_autocast_dtype("cpu") == torch.bfloat16
-            and x.dtype in (torch.float32, torch.bfloat16)
-            and self.weight.dtype in (torch.float32, torch.bfloat16)
-            and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))
-            and not torch.compiler.is_compiling()
-        )
+    def _onednn_kernel(self, x: torch.Tensor) -> str | None:
+        """``"fp32"`` (float32 operands, no autocast) or ``"bf16"`` (float32 or bf16 operands
+        under bf16 autocast) for CPU inference with no gradient wanted and no ``torch.compile``
+        tracing (inductor picks its own kernels); ``None``: plain ``F.linear``."""
+        if x.device.type != "cpu" or torch.compiler.is_compiling():
+            return None
+        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+            return None
+        if not torch.is_autocast_enabled("cpu"):
+            return "fp32" if x.dtype == self.weight.dtype == torch.float32 else None
+        operands = (torch.float32, torch.bfloat16)
+        if torch.get_autocast_dtype("cpu") == torch.bfloat16 and x.dtype in operands:
+            return "bf16" if self.weight.dtype in operands else None
+        return None
 
     @torch.no_grad()
     def _pack_bf16(self) -> tuple[torch.Tensor, torch.Tensor | None]:
