@@ -37,12 +37,14 @@ SEQUENCES = DAVIS_SEQUENCES
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "default": {},
+    # Before the edge-aware refinement of the shown labels (J&F 70.4).
+    "no-refine": {"refine": False},
     # Before test-time adaptation and windows that follow the objects (J&F 69.6).
-    "propagation-only": {"classifier_weight": 0.0, "follow_objects": False},
-    "classifier-only": {"follow_objects": False},
-    "follow-only": {"classifier_weight": 0.0},
+    "propagation-only": {"classifier_weight": 0.0, "follow_objects": False, "refine": False},
+    "classifier-only": {"follow_objects": False, "refine": False},
+    "follow-only": {"classifier_weight": 0.0, "refine": False},
     # The defaults before the stride-16 key weight went from 1.0 to 1.4 (J&F 68.4).
-    "f16-1.0": {"f16_weight": 1.0},
+    "f16-1.0": {"f16_weight": 1.0, "refine": False},
     # The first defaults: soft top-k propagation on the block outputs (seven-sequence J&F 60.6).
     "soft-projected": {
         "f16_weight": 1.0,
@@ -53,9 +55,16 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "key_dim": 0,
         "permanent_reach": 1,
         "active_reach": -1,
+        "refine": False,
     },
-    # The most accurate variant measured (J&F 69.5) at about half the default's speed.
-    "accurate": {"f16_weight": 1.0, "key_dim": 128, "permanent_reach": 3, "active_reach": -1},
+    # Wider windows and keys (J&F 69.5 when the default was 68.4) at about half the speed.
+    "accurate": {
+        "f16_weight": 1.0,
+        "key_dim": 128,
+        "permanent_reach": 3,
+        "active_reach": -1,
+        "refine": False,
+    },
 }
 
 
