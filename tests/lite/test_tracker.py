@@ -241,7 +241,8 @@ def test_classifier_follows_the_objects(model: LiteModel, judo) -> None:
     tracker = LiteTracker(model, max_internal_size=SIZE)
     tracker.step(frames[0], masks[0])
     w = tracker.state.classifier
-    assert w is not None and w.shape == (tracker.state.basis.shape[1] + 1, 2)
+    key_channels = tracker.state.basis.shape[1] + 3  # projected features and the colour
+    assert w is not None and w.shape == (key_channels + 1, 2)
     tracker.step(frames[1])
     assert tracker.state.classifier is w  # predicted frames do not refit it
     tracker.step(frames[5], masks[5])  # object 2 appears: refit with three channels
@@ -253,3 +254,28 @@ def test_classifier_follows_the_objects(model: LiteModel, judo) -> None:
     off = LiteTracker(model, max_internal_size=SIZE, classifier_weight=0)
     off.step(frames[0], masks[0])
     assert off.state.classifier is None
+
+
+def test_keys_carry_the_cells_colour(model: LiteModel, judo) -> None:
+    frames = judo[0]
+    tracker = LiteTracker(model, key_colour=0.5)
+    img = torch.from_numpy(frames[0]).permute(2, 0, 1).float()[:, :480, :848] / 255
+    feats = model.features(img[None], expanded=True)
+    plain = tracker._feature_keys(feats)  # (60, 106, 64)
+    keys = tracker._keys(feats, img)  # (60, 106, 67)
+    assert keys.shape == (*plain.shape[:2], plain.shape[-1] + 3)
+    torch.testing.assert_close(keys.norm(dim=-1), torch.ones(keys.shape[:2]))
+    # The colour part is the cell's mean colour, centred on the first frame's, times 0.5, and
+    # the feature part keeps its direction.
+    cells = torch.nn.functional.avg_pool2d(img[None], 8)[0].permute(1, 2, 0)
+    colour = (cells - cells.mean(dim=(0, 1))) * 0.5
+    scale = torch.sqrt(1 + (colour * colour).sum(-1, keepdim=True))
+    torch.testing.assert_close(keys, torch.cat([plain, colour], -1) / scale, atol=1e-5, rtol=1e-5)
+    # The centre is the first frame's: a brighter later frame has brighter colour parts.
+    later = tracker._keys(feats, (img + 0.1).clamp(max=1))
+    assert float(later[..., -3:].mean()) > float(keys[..., -3:].mean())
+    # key_colour 0: the feature keys alone.
+    off = LiteTracker(model, key_colour=0.0)
+    assert torch.equal(off._keys(feats, img), off._feature_keys(feats))
+    with pytest.raises(ValueError, match="key_colour"):
+        LiteOptions(key_colour=-0.1)
