@@ -608,9 +608,16 @@ class LiteTracker:
             return prob8
         cells = refinement_features(feats.f4, img[None], cfg.refine_colour)  # (2h, 2w, C)
         prob4 = self._upsample(prob8, (int(cells.shape[0]), int(cells.shape[1])))
-        return refine_labels(
+        refined = refine_labels(
             prob4, cells, cfg.refine_radius, cfg.refine_temperature, cfg.refine_iterations
         )
+        # An object only a few stride-8 cells wide can lose to its surroundings in the mean:
+        # where the refinement would take away half of an object's cells or more, the frame is
+        # shown unrefined.
+        k = int(prob4.shape[0])
+        before = torch.bincount(prob4.argmax(dim=0).flatten(), minlength=k)[1:]
+        after = torch.bincount(refined.argmax(dim=0).flatten(), minlength=k)[1:]
+        return prob4 if bool((2 * after <= before).logical_and(before > 0).any()) else refined
 
     @staticmethod
     def _upsample(prob: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

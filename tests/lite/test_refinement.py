@@ -133,3 +133,32 @@ def test_refinement_options_are_checked() -> None:
         LiteOptions(refine_radius=-1)
     with pytest.raises(ValueError, match="refine_colour"):
         LiteOptions(refine_colour=-1.0)
+
+
+def test_refinement_never_takes_away_most_of_a_small_object() -> None:
+    # A 20 x 20 square on noise, at 64 x 96 (the square is 2.5 x 2.5 stride-8 cells): the
+    # stride-8 labels hold only part of it, and the mean over the square's similar cells would
+    # give it to the background. Where refining would halve an object or worse, the frame is
+    # shown unrefined.
+    from s3cli.lite import load_lite_model
+
+    model = load_lite_model("cpu")
+    rng = np.random.default_rng(0)
+    background = rng.integers(0, 255, (64, 96, 3), dtype=np.uint8)
+    frames = []
+    for t in range(3):
+        img = background.copy()
+        img[20:40, 10 + 5 * t : 30 + 5 * t] = (250, 30, 30)
+        frames.append(img)
+    mask = np.zeros((64, 96), dtype=np.uint8)
+    mask[20:40, 20:40] = 1
+    areas = {}
+    for refine in (False, True):
+        tracker = LiteTracker(model, refine=refine, max_internal_size=64)
+        areas[refine] = []
+        for i, t in enumerate((2, 1, 0)):
+            prob = tracker.step(frames[t], mask if i == 0 else None)
+            areas[refine].append(int(tracker.to_index_mask(prob).sum()))
+    assert all(a > 0 for a in areas[False])
+    for shown, plain in zip(areas[True], areas[False], strict=True):
+        assert 2 * shown > plain, (areas[True], areas[False])
