@@ -28,6 +28,7 @@ import torch.nn.functional as F
 __all__ = [
     "TileGrid",
     "active_tiles",
+    "tiles_near",
     "classify_labels",
     "pad_cells",
     "propagate_labels",
@@ -137,17 +138,24 @@ def window_index(
     return torch.cat(parts, dim=1)  # (A, R)
 
 
-def active_tiles(value: torch.Tensor, grid: TileGrid, reach: int, eps: float) -> torch.Tensor:
-    """(T,) bool: tiles whose window, in a frame with labels (H, W, K), holds more than
-    ``eps`` of some object (channels 1..K-1). Elsewhere that frame can only give background."""
+def tiles_near(cells: torch.Tensor, grid: TileGrid, reach: int) -> torch.Tensor:
+    """(T,) bool: tiles within ``reach`` tiles (per axis) of a tile holding a True cell of
+    ``cells`` (H, W) bool."""
     t = grid.tile
-    fg = value[..., 1:].amax(dim=-1) if value.shape[-1] > 1 else value[..., 0] * 0  # (H, W)
-    fg = grid.pad(fg[..., None])[..., 0]  # (Ty t, Tx t)
-    per_tile = fg.reshape(grid.tiles_y, t, grid.tiles_x, t).amax(dim=(1, 3)) > eps  # (Ty, Tx)
+    padded = grid.pad(cells[..., None])[..., 0]  # (Ty t, Tx t)
+    per_tile = padded.reshape(grid.tiles_y, t, grid.tiles_x, t).any(dim=3).any(dim=1)
     if reach > 0:
         k = 2 * reach + 1
         per_tile = F.max_pool2d(per_tile[None, None].float(), k, stride=1, padding=reach)[0, 0] > 0
     return per_tile.flatten()
+
+
+def active_tiles(value: torch.Tensor, grid: TileGrid, reach: int, eps: float) -> torch.Tensor:
+    """(T,) bool: tiles whose window, in a frame with labels (H, W, K), holds more than
+    ``eps`` of some object (channels 1..K-1). Elsewhere that frame can only give background."""
+    if value.shape[-1] < 2:
+        return torch.zeros(grid.num_tiles, dtype=torch.bool, device=value.device)
+    return tiles_near(value[..., 1:].amax(dim=-1) > eps, grid, reach)
 
 
 def window_affinity(queries: torch.Tensor, keys: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -25,6 +25,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from s3cli.lite.propagation import TileGrid, pad_cells, tiles_near
+
 __all__ = ["refine_labels", "refinement_features"]
 
 
@@ -42,16 +44,10 @@ def refinement_features(f4: torch.Tensor, image: torch.Tensor, colour: float) ->
 
 def _window_mask(tile: int, radius: int, device: torch.device) -> torch.Tensor:
     """(Q, R) bool: halo cell within ``radius`` cells (per axis) of the tile cell."""
-    span = tile + 2 * radius
-    cy, cx = torch.meshgrid(
-        torch.arange(tile, device=device), torch.arange(tile, device=device), indexing="ij"
-    )
-    hy, hx = torch.meshgrid(
-        torch.arange(span, device=device), torch.arange(span, device=device), indexing="ij"
-    )
-    dy = (hy.reshape(1, -1) - radius) - cy.reshape(-1, 1)
-    dx = (hx.reshape(1, -1) - radius) - cx.reshape(-1, 1)
-    return (dy.abs() <= radius) & (dx.abs() <= radius)
+    cells = torch.arange(tile, device=device)
+    halo = torch.arange(tile + 2 * radius, device=device) - radius  # in tile coordinates
+    near = (halo[None, :] - cells[:, None]).abs() <= radius  # (tile, span), one axis
+    return (near[:, None, :, None] & near[None, :, None, :]).flatten(2).flatten(0, 1)
 
 
 def refine_labels(
@@ -71,7 +67,7 @@ def refine_labels(
     k, h, w = prob.shape
     if iterations <= 0 or h == 0 or w == 0:
         return prob
-    ty, tx = -(-h // tile), -(-w // tile)
+    grid = TileGrid(h, w, tile)
     # Refine where the most probable label changes between neighbouring cells: a weighted mean
     # of labels that all favour one label favours it too, so elsewhere no cell's most probable
     # label can change (after ``iterations`` passes, farther than ``iterations * radius``).
@@ -79,46 +75,37 @@ def refine_labels(
     edge = torch.zeros_like(best, dtype=torch.bool)
     edge[:, 1:] |= best[:, 1:] != best[:, :-1]
     edge[1:, :] |= best[1:, :] != best[:-1, :]
-    per_tile = F.pad(edge, (0, tx * tile - w, 0, ty * tile - h))
-    per_tile = per_tile.reshape(ty, tile, tx, tile).any(dim=3).any(dim=1)  # (Ty, Tx)
-    reach = -(-(iterations * radius + 1) // tile)
-    near = F.max_pool2d(per_tile[None, None].float(), 2 * reach + 1, stride=1, padding=reach)
-    near = near[0, 0] > 0
-    tiles = near.flatten().nonzero()[:, 0]  # (A,)
+    tiles = tiles_near(edge, grid, -(-(iterations * radius + 1) // tile)).nonzero()[:, 0]  # (A,)
     if tiles.numel() == 0:
         return prob
     device = prob.device
-    # Padded cell-major maps: ``radius`` cells of border, then whole tiles.
-    height, width = ty * tile + 2 * radius, tx * tile + 2 * radius
-    r = radius
-
-    def padded(x: torch.Tensor) -> torch.Tensor:  # (h, w, D) -> (height * width, D)
-        out = x.new_zeros(height, width, x.shape[-1])
-        out[r : r + h, r : r + w] = x
-        return out.reshape(height * width, -1)
-
-    span = tile + 2 * r
-    top = torch.div(tiles, tx, rounding_mode="floor") * tile  # (A,) first row, padded coords
-    left = (tiles % tx) * tile
+    # Cell-major maps padded by whole tiles (at least ``radius`` cells) on every side.
+    pad = -(-radius // tile)
+    border = pad * tile
+    width = (grid.tiles_x + 2 * pad) * tile
+    span = tile + 2 * radius
+    top = torch.div(tiles, grid.tiles_x, rounding_mode="floor") * tile + border - radius
+    left = (tiles % grid.tiles_x) * tile + border - radius
     base = top * width + left  # (A,) top-left halo cell
-    rows = torch.arange(span, device=device)
-    halo = base[:, None] + (rows[:, None] * width + rows[None, :]).flatten()[None]  # (A, R)
-    inner = torch.arange(tile, device=device) + r
+    offsets = torch.arange(span, device=device)
+    halo = base[:, None] + (offsets[:, None] * width + offsets[None, :]).flatten()[None]  # (A, R)
+    inner = torch.arange(tile, device=device) + radius
     centre = base[:, None] + (inner[:, None] * width + inner[None, :]).flatten()[None]  # (A, Q)
 
-    feats = padded(features.float())  # (N, C)
+    feats = pad_cells(features.float(), grid, pad).flatten(0, 1)  # (N, C)
     a, c = tiles.numel(), feats.shape[-1]
     halo_feats = feats.index_select(0, halo.flatten()).view(a, -1, c)  # (A, R, C)
     centre_feats = feats.index_select(0, centre.flatten()).view(a, -1, c) / temperature
     # Logits (f_i . f_j - 1) / temperature inside the window, -inf outside: one batched
     # product with the window as its bias, then exp in place (weights (A, Q, R)).
     bias = torch.full((1, tile * tile, span * span), -math.inf, device=device)
-    bias.masked_fill_(_window_mask(tile, r, device)[None], -1 / temperature)
+    bias.masked_fill_(_window_mask(tile, radius, device)[None], -1 / temperature)
     weights = torch.baddbmm(bias, centre_feats, halo_feats.transpose(1, 2)).exp_()
     # Labels with an extra channel that is 1 inside the image: one product gives each cell's
     # weighted label sums and, in that channel, the sum of its weights over real cells.
     inside = features.new_ones(h, w, 1, dtype=torch.float32)
-    labels = padded(torch.cat([prob.float().permute(1, 2, 0), inside], dim=-1))  # (N, K + 1)
+    grid_labels = pad_cells(torch.cat([prob.float().permute(1, 2, 0), inside], dim=-1), grid, pad)
+    labels = grid_labels.flatten(0, 1)  # (N, K + 1), a view of the padded map
     rows = centre.flatten()  # (A Q,)
     real = labels.index_select(0, rows)[:, k:]  # (A Q, 1): 0 for cells past the image's edge
     for _ in range(iterations):
@@ -126,5 +113,5 @@ def refine_labels(
         sums = torch.bmm(weights, halo_labels)  # (A, Q, K + 1)
         updated = sums[..., :k] / sums[..., k:].clamp_min(1e-30)
         labels[rows, :k] = updated.reshape(-1, k) * real
-    out = labels.view(height, width, k + 1)[r : r + h, r : r + w, :k]  # (h, w, K)
+    out = grid_labels[border : border + h, border : border + w, :k]  # (h, w, K)
     return out.permute(2, 0, 1).to(prob.dtype).contiguous()
