@@ -154,3 +154,57 @@ def test_channels_last_input_keeps_its_layout() -> None:
     y = conv_bn_sequential(stem, x.requires_grad_())
     y.sum().backward()
     assert x.grad is not None and conv.weight.grad is not None
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_bf16_autocast_fused_equals_autocast_modules(layout, relu, with_residual) -> None:
+    """Under CPU bf16 autocast the folded convolution (bf16 weights cached, add and ReLU fused
+    where oneDNN can) gives autocast's own module-by-module result to bf16 rounding, and the
+    float32 one to bf16 precision."""
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("this PyTorch build has no oneDNN")
+    conv, bn = _pair(32, 48, 3, 1, False, seed=11)
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(1, 32, 20, 28, generator=gen)
+    residual = torch.randn(1, 48, 20, 28, generator=gen) if with_residual else None
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+        if residual is not None:
+            residual = residual.contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        ref = _reference(conv, bn, x, relu, residual)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = conv_bn(conv, bn, x, relu=relu, residual=residual)
+            plain = _reference(conv, bn, x.bfloat16(), relu, residual)  # autocast's modules
+    if layout == "channels_last" or residual is None:
+        assert out.dtype == torch.bfloat16  # one bf16 primitive
+    # The sum is rounded to bf16 once where autocast rounds the product first.
+    torch.testing.assert_close(out.float(), plain.float(), rtol=2**-7, atol=2**-5)
+    torch.testing.assert_close(out.float(), ref, rtol=2**-6, atol=2**-5)
+
+
+def test_bf16_autocast_runs_fused_primitives_on_cached_weights() -> None:
+    """A channels-last ResNet under bf16 autocast: every block one bf16 oneDNN primitive (no
+    separate add, ReLU or batch norm), and the weights cast to bf16 once, not on every call."""
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("this PyTorch build has no oneDNN")
+    enc = ResNetEncoder("resnet18").eval()
+    x = torch.randn(1, 3, 64, 96).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        first = enc(x)
+        with torch.profiler.profile() as prof:
+            second = enc(x)
+    for a, b in zip(first, second, strict=True):
+        assert torch.equal(a, b)
+    counts = {e.key: e.count for e in prof.key_averages()}
+    convs = sum(isinstance(m, nn.Conv2d) for m in enc.modules())
+    assert counts.get("mkldnn::_convolution_pointwise", 0) == convs
+    assert not set(counts) & {
+        "aten::native_batch_norm", "aten::batch_norm", "aten::relu_", "aten::add",
+        "aten::clamp_min_", "aten::mkldnn_convolution",
+    }  # fmt: skip
+    # No weight cast per call: the only copies left are the input's cast to bf16 and the three
+    # outputs made contiguous.
+    assert counts.get("aten::copy_", 0) <= 4
