@@ -280,6 +280,30 @@ def test_ms_deform_attn_zero_offsets_read_the_reference_cell() -> None:
     torch.testing.assert_close(out, feat)
 
 
+def test_ms_deform_attn_casts_the_query_once_under_autocast() -> None:
+    """Under bf16 autocast both projections of the query get one bf16 copy of it (autocast
+    would cast it for each); without autocast they get the float32 query itself."""
+    torch.manual_seed(0)
+    attn = MSDeformAttn(d_model=64, n_levels=2, n_heads=4, n_points=2).eval()
+    for lin in (attn.sampling_offsets, attn.attention_weights):
+        torch.nn.init.normal_(lin.weight, std=0.05)
+    seen: list[torch.Tensor] = []
+    for lin in (attn.sampling_offsets, attn.attention_weights):
+        lin.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+    shapes = [(6, 8), (3, 4)]
+    feat, query = torch.randn(1, 60, 64), torch.randn(1, 37, 64)
+    ref_points = torch.rand(1, 37, 2, 2)
+    with torch.inference_mode():
+        ref = attn(query, ref_points, feat, shapes)
+        assert seen[0] is query and seen[1] is query
+        seen.clear()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = attn(query, ref_points, feat, shapes)
+    assert seen[0] is seen[1] and seen[0].dtype == torch.bfloat16
+    assert torch.equal(seen[0], query.to(torch.bfloat16))
+    torch.testing.assert_close(out.float(), ref, rtol=0.05, atol=0.05)
+
+
 def test_gathered_sampling_equals_grid_sample_at_480p_sizes() -> None:
     """The default sampler against the official grid_sample path on the adapter's real shapes
     (12 heads of 64 channels, 4 points, a 30x54 map, 5x as many queries), points also outside
