@@ -57,9 +57,15 @@ def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, tor
         return weight.to(conv.weight.dtype).contiguous(), shift.to(conv.weight.dtype)
 
 
+def _sources(conv: nn.Conv2d, bn: nn.BatchNorm2d | None) -> list[torch.Tensor | None]:
+    """The tensors a folded weight is derived from (what invalidates its cache)."""
+    if bn is None:
+        return [conv.weight, conv.bias]
+    return [conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var]
+
+
 def _folded(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
-    sources = [conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var]
-    return cached_derived(bn, "_folded_conv", sources, lambda: fold_conv_bn(conv, bn))
+    return cached_derived(bn, "_folded_conv", _sources(conv, bn), lambda: fold_conv_bn(conv, bn))
 
 
 def _can_fuse(conv: nn.Conv2d, bn: nn.BatchNorm2d | None, x: torch.Tensor) -> bool:
@@ -76,40 +82,39 @@ def _can_fuse(conv: nn.Conv2d, bn: nn.BatchNorm2d | None, x: torch.Tensor) -> bo
     return not wants_grad
 
 
-def _onednn_applies(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None) -> bool:
-    if x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32:
-        return False
-    if x.dim() != 4 or torch.is_autocast_enabled("cpu") or not torch.backends.mkldnn.is_available():
-        return False
-    if residual is None:
-        return True
+def _onednn_kernel(
+    x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None
+) -> str | None:
+    """Which oneDNN primitive can run the folded convolution as one operation: ``"fp32"``
+    (float32 operands, no autocast), ``"bf16"`` (float32 or bf16 operands under CPU bf16
+    autocast; with a residual only for channels-last inputs, the one layout oneDNN fuses the
+    add into in bf16), or ``None``."""
+    if x.device.type != "cpu" or x.dim() != 4 or not torch.backends.mkldnn.is_available():
+        return None
     # The fused add wants the residual laid out as the output will be (as the input).
     fmt = torch.channels_last if not x.is_contiguous() else torch.contiguous_format
-    return residual.dtype == torch.float32 and residual.is_contiguous(memory_format=fmt)
-
-
-def _bf16_onednn_applies(
-    x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None
-) -> bool:
-    """Under CPU bf16 autocast: the folded convolution can run as one bf16 oneDNN primitive."""
-    if x.device.type != "cpu" or x.dim() != 4 or not torch.backends.mkldnn.is_available():
-        return False
-    if not torch.is_autocast_enabled("cpu") or torch.get_autocast_dtype("cpu") != torch.bfloat16:
-        return False
+    if not torch.is_autocast_enabled("cpu"):
+        if x.dtype != torch.float32 or weight.dtype != torch.float32:
+            return None
+        if residual is None:
+            return "fp32"
+        fused_add = residual.dtype == torch.float32 and residual.is_contiguous(memory_format=fmt)
+        return "fp32" if fused_add else None
     operands = (torch.float32, torch.bfloat16)
+    if torch.get_autocast_dtype("cpu") != torch.bfloat16:
+        return None
     if x.dtype not in operands or weight.dtype not in operands:
-        return False
-    return residual is None or residual.dtype in operands
+        return None
+    if residual is None:
+        return "bf16"
+    return "bf16" if residual.dtype in operands and fmt == torch.channels_last else None
 
 
 def _bf16_weights(
-    owner: nn.Module, conv: nn.Conv2d, bn: nn.BatchNorm2d | None
+    conv: nn.Conv2d, bn: nn.BatchNorm2d | None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The (folded) weight and bias in bf16, cached on ``owner`` (the batch norm, else the
+    """The (folded) weight, channels-last, and bias in bf16, cached on the batch norm (else the
     convolution) until a source tensor changes: autocast would cast them on every call."""
-    sources = [conv.weight, conv.bias]
-    if bn is not None:
-        sources += [bn.weight, bn.bias, bn.running_mean, bn.running_var]
 
     def make() -> tuple[torch.Tensor, torch.Tensor | None]:
         weight, bias = (conv.weight, conv.bias) if bn is None else _folded(conv, bn)
@@ -118,7 +123,8 @@ def _bf16_weights(
             w16 = weight.to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
             return w16, None if bias is None else bias.to(torch.bfloat16)
 
-    return cached_derived(owner, "_conv_bf16", sources, make)
+    owner = bn if bn is not None else conv
+    return cached_derived(owner, "_conv_bf16", _sources(conv, bn), make)
 
 
 def _output_shape(conv: nn.Conv2d, x: torch.Tensor) -> tuple[int, ...]:
@@ -151,34 +157,23 @@ def conv_bn(
     else:
         weight, bias = (conv.weight, conv.bias) if bn is None else _folded(conv, bn)
         padding, stride, dilation = list(conv.padding), list(conv.stride), list(conv.dilation)
-        if _onednn_applies(x, weight, residual):
-            unary = "relu" if relu else "none"
-            if residual is None:
+        kernel = _onednn_kernel(x, weight, residual)
+        if kernel is not None and (residual is None or residual.shape == _output_shape(conv, x)):
+            xk, wk, bk, rk = x, weight, bias, residual
+            if kernel == "bf16":  # bf16 operands, float32 accumulation
+                wk, bk = _bf16_weights(conv, bn)
+                xk = x.to(torch.bfloat16)
+                if residual is not None:
+                    rk = residual.to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+            if rk is None:
                 return torch.ops.mkldnn._convolution_pointwise(
-                    x, weight, bias, padding, stride, dilation, conv.groups, unary, [], ""
-                )
-            if residual.shape == _output_shape(conv, x):
-                return torch.ops.mkldnn._convolution_pointwise.binary(
-                    x, residual, weight, bias, padding, stride, dilation, conv.groups,
-                    "add", None, "relu" if relu else None, [], "",
+                    xk, wk, bk, padding, stride, dilation, conv.groups,
+                    "relu" if relu else "none", [], "",
                 )  # fmt: skip
-        if _bf16_onednn_applies(x, weight, residual):
-            # bf16 operands, float32 accumulation, the add and the ReLU in the same kernel.
-            w16, b16 = _bf16_weights(bn if bn is not None else conv, conv, bn)
-            fmt = torch.channels_last if not x.is_contiguous() else torch.contiguous_format
-            x16 = x.to(torch.bfloat16)
-            unary = "relu" if relu else "none"
-            if residual is None:
-                return torch.ops.mkldnn._convolution_pointwise(
-                    x16, w16, b16, padding, stride, dilation, conv.groups, unary, [], ""
-                )
-            # (oneDNN fuses the add only into channels-last convolutions in bf16)
-            if fmt == torch.channels_last and residual.shape == _output_shape(conv, x):
-                res16 = residual.to(torch.bfloat16).contiguous(memory_format=fmt)
-                return torch.ops.mkldnn._convolution_pointwise.binary(
-                    x16, res16, w16, b16, padding, stride, dilation, conv.groups,
-                    "add", None, "relu" if relu else None, [], "",
-                )  # fmt: skip
+            return torch.ops.mkldnn._convolution_pointwise.binary(
+                xk, rk, wk, bk, padding, stride, dilation, conv.groups,
+                "add", None, "relu" if relu else None, [], "",
+            )  # fmt: skip
         out = F.conv2d(x, weight, bias, stride, padding, dilation, conv.groups)
     if residual is not None:
         out = out + residual
