@@ -35,18 +35,25 @@ from s3cli.lite import LiteFeatures, LiteModel, LiteTracker, load_lite_model  # 
 DEFAULT_ROOT = DAVIS16_MINI
 SEQUENCES = DAVIS_SEQUENCES
 
+# Earlier defaults: the options that have been added since are switched off in them (``PAST``).
+PAST: dict[str, Any] = {"refine": False, "key_colour": 0.0}
+"""Before the edge-aware refinement and the colour in the keys."""
+
 VARIANTS: dict[str, dict[str, Any]] = {
     "default": {},
-    # Before the edge-aware refinement of the shown labels (J&F 70.4).
-    "no-refine": {"refine": False},
+    # Before the colour in the keys (J&F 72.3).
+    "no-key-colour": {"key_colour": 0.0},
+    # Before the edge-aware refinement and the colour in the keys (J&F 70.4).
+    "no-refine": PAST,
     # Before test-time adaptation and windows that follow the objects (J&F 69.6).
-    "propagation-only": {"classifier_weight": 0.0, "follow_objects": False, "refine": False},
-    "classifier-only": {"follow_objects": False, "refine": False},
-    "follow-only": {"classifier_weight": 0.0, "refine": False},
+    "propagation-only": {**PAST, "classifier_weight": 0.0, "follow_objects": False},
+    "classifier-only": {**PAST, "follow_objects": False},
+    "follow-only": {**PAST, "classifier_weight": 0.0},
     # The defaults before the stride-16 key weight went from 1.0 to 1.4 (J&F 68.4).
-    "f16-1.0": {"f16_weight": 1.0, "refine": False},
+    "f16-1.0": {**PAST, "f16_weight": 1.0},
     # The first defaults: soft top-k propagation on the block outputs (seven-sequence J&F 60.6).
     "soft-projected": {
+        **PAST,
         "f16_weight": 1.0,
         "matching": "soft",
         "top_k": 15,
@@ -55,15 +62,14 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "key_dim": 0,
         "permanent_reach": 1,
         "active_reach": -1,
-        "refine": False,
     },
     # Wider windows and keys (J&F 69.5 when the default was 68.4) at about half the speed.
     "accurate": {
+        **PAST,
         "f16_weight": 1.0,
         "key_dim": 128,
         "permanent_reach": 3,
         "active_reach": -1,
-        "refine": False,
     },
 }
 
