@@ -45,13 +45,15 @@ DEFAULT_ROOT = DAVIS16_MINI
 SEQUENCES = DAVIS_SEQUENCES
 
 # Earlier defaults: the options that have been added since are switched off in them (``PAST``).
-PAST: dict[str, Any] = {"refine": False, "key_colour": 0.0}
-"""Before the edge-aware refinement and the colour in the keys."""
+PAST: dict[str, Any] = {"refine": False, "key_colour": 0.0, "f4_weight": 0.0}
+"""Before the edge-aware refinement, the colour and the stride-4 features in the keys."""
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "default": {},
+    # Before the stride-4 features in the keys (J&F 73.0).
+    "no-f4": {"f4_weight": 0.0},
     # Before the colour in the keys (J&F 72.3).
-    "no-key-colour": {"key_colour": 0.0},
+    "no-key-colour": {"key_colour": 0.0, "f4_weight": 0.0},
     # Before the edge-aware refinement and the colour in the keys (J&F 70.4).
     "no-refine": PAST,
     # Before test-time adaptation and windows that follow the objects (J&F 69.6).

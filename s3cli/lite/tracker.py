@@ -4,7 +4,8 @@ The frozen EfficientNet-Lite0 trunk (:class:`~s3cli.lite.model.LiteModel`) gives
 key on the stride-8 grid: by default the wide expansion features of the blocks that follow the
 stride-8 and stride-16 outputs, centred on the first frame's means, each unit-normalised, the
 stride-16 part upsampled, projected onto the first frame's principal directions and normalised,
-then beside the cell's mean colour (centred on the first frame's, weighted) and normalised again.
+then beside the stride-4 features pooled to stride 8 (centred, normalised, weighted) and the
+cell's mean colour (centred on the first frame's, weighted), normalised again.
 Labels (background + objects) travel from memory frames to the current frame by matching
 inside spatial windows (:mod:`s3cli.lite.propagation`): by default each label scores the mean
 of a cell's best affinities among that label's memory cells (class-balanced, so that an object
@@ -121,6 +122,14 @@ class LiteOptions:
       0.3 / 0.5 / 1.0 (0.5: breakdance 58.3 -> 61.1, camel 71.7 -> 73.4, soapbox 72.3 ->
       73.9, bmx-trees 59.1 -> 57.2, car-shadow 85.6 -> 84.7; 1.0 takes bmx-trees to 53.1);
       chromaticity (r, g, b over their sum) instead of RGB at weight 2: 72.4.
+    - ``f4_weight``: weight of the stride-4 block output (24 channels), average-pooled to
+      stride 8, centred on the first frame's mean and unit-normalised, appended to the feature
+      key before it is normalised again (and before the colour; 0: off). Fine texture that
+      the stride-8/16 expansions blur: seven-sequence J&F 73.0 / 74.1 / 74.5 / 75.4 / 76.5 /
+      77.0 / 76.2 / 76.3 at 0 / 0.3 / 0.5 / 0.6 / 0.7 / 0.8 / 0.9 / 1.0 (0.8: breakdance 61.1
+      -> 68.5, camel 73.4 -> 79.2, bmx-trees 57.3 -> 63.2, motocross-jump 67.3 -> 71.8,
+      car-shadow 84.7 -> 88.6, soapbox 73.9 -> 73.8; 0.9 and 1.0 take car-shadow to 76.7 and
+      76.3).
     - ``refine``: edge-aware refinement of the shown labels on the stride-4 grid
       (:func:`~s3cli.lite.refinement.refine_labels`): ``refine_iterations`` passes of a
       weighted mean over the cells within ``refine_radius`` cells, weights
@@ -157,6 +166,7 @@ class LiteOptions:
     follow_objects: bool = True
     follow_reach: int = 1
     key_colour: float = 0.5
+    f4_weight: float = 0.8
     refine: bool = True
     refine_radius: int = 4
     refine_temperature: float = 0.1
@@ -171,8 +181,10 @@ class LiteOptions:
         for name in (*non_negative, "follow_reach"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.key_colour < 0:
-            raise ValueError(f"key_colour must be >= 0, got {self.key_colour}")
+        if self.key_colour < 0 or self.f4_weight < 0:
+            raise ValueError(
+                f"key_colour and f4_weight must be >= 0, got {self.key_colour} and {self.f4_weight}"
+            )
         if self.refine_radius < 0 or self.refine_iterations < 0:
             raise ValueError(
                 "refine_radius and refine_iterations must be >= 0, got "
@@ -233,6 +245,7 @@ class LiteState:
     grid: TileGrid | None = None
     basis: torch.Tensor | None = None  # (C, key_dim) key projection
     means: tuple[torch.Tensor, torch.Tensor] | None = None  # per-video feature means
+    mean4: torch.Tensor | None = None  # per-video mean of the pooled stride-4 features
     colour_mean: torch.Tensor | None = None  # (3,) the first frame's mean colour
     classifier: torch.Tensor | None = None  # (C + 1, K) fitted on the annotated frames
 
@@ -316,7 +329,23 @@ class LiteTracker:
         return F.normalize(torch.cat([key, colour], dim=-1), dim=-1).contiguous()
 
     def _feature_keys(self, feats: LiteFeatures) -> torch.Tensor:
-        """Unit-norm feature keys (h, w, C): stride-8 features and bilinearly
+        """Unit-norm feature keys (h, w, C): the stride-8/16 keys (:meth:`_coarse_keys`)
+        beside the stride-4 features average-pooled to stride 8 (centred like the others,
+        unit-normalised, times ``f4_weight``), normalised again."""
+        key = self._coarse_keys(feats)
+        weight = self.config.f4_weight
+        if weight <= 0:
+            return key
+        fine = F.avg_pool2d(feats.f4.float(), 2)[0].permute(1, 2, 0)  # (h, w, C4)
+        if self.config.center:
+            if self.state.mean4 is None:
+                self.state.mean4 = fine.mean(dim=(0, 1))
+            fine = fine - self.state.mean4
+        fine = F.normalize(fine, dim=-1) * weight
+        return F.normalize(torch.cat([key, fine], dim=-1), dim=-1)
+
+    def _coarse_keys(self, feats: LiteFeatures) -> torch.Tensor:
+        """Unit-norm keys (h, w, C) of the stride-8 features and the bilinearly
         upsampled stride-16 features, each centred (optionally) and normalised, concatenated,
         and optionally projected onto the first frame's principal directions (the stride-16
         part is projected before it is upsampled: the two commute)."""

@@ -20,20 +20,20 @@ from tests.conftest import SHARED, require_shared
 DAVIS16_MINI = SHARED / "data" / "davis16-mini"
 
 J_FLOORS = {
-    "blackswan": 0.88,  # measured 0.919
-    "bmx-trees": 0.45,  # 0.474 (kept: 0.487 before colour in the keys)
-    "breakdance": 0.60,  # 0.628
-    "camel": 0.64,  # 0.672
-    "car-shadow": 0.86,  # 0.863 (kept: 0.870 before colour in the keys, 0.879 before the
-    # edge refinement, 0.892 before the test-time classifier)
-    "motocross-jump": 0.75,  # 0.784
-    "soapbox": 0.75,  # 0.787
+    "blackswan": 0.90,  # measured 0.930
+    "bmx-trees": 0.51,  # 0.539
+    "breakdance": 0.66,  # 0.694
+    "camel": 0.70,  # 0.733
+    "car-shadow": 0.86,  # 0.883 (kept: 0.863 before the stride-4 features in the keys, 0.870
+    # before colour in the keys, 0.879 before the edge refinement, 0.892 before the classifier)
+    "motocross-jump": 0.77,  # 0.804
+    "soapbox": 0.75,  # 0.767 (kept: 0.787 before the stride-4 features in the keys)
 }
 """Per-sequence J-Mean floors: J measured with the defaults (480p, CPU) minus about 3 points,
 never lowered when a default changes."""
 
-JF_MEAN_FLOOR = 0.72
-"""Floor of the seven-sequence J&F-Mean (measured 0.730)."""
+JF_MEAN_FLOOR = 0.75
+"""Floor of the seven-sequence J&F-Mean: the issue's bar (measured 0.770)."""
 
 
 def test_lite_tracks_davis16_mini(tmp_path: Path) -> None:

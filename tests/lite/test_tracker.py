@@ -261,8 +261,8 @@ def test_keys_carry_the_cells_colour(model: LiteModel, judo) -> None:
     tracker = LiteTracker(model, key_colour=0.5)
     img = torch.from_numpy(frames[0]).permute(2, 0, 1).float()[:, :480, :848] / 255
     feats = model.features(img[None], expanded=True)
-    plain = tracker._feature_keys(feats)  # (60, 106, 64)
-    keys = tracker._keys(feats, img)  # (60, 106, 67)
+    plain = tracker._feature_keys(feats)  # (60, 106, 88)
+    keys = tracker._keys(feats, img)  # (60, 106, 91)
     assert keys.shape == (*plain.shape[:2], plain.shape[-1] + 3)
     torch.testing.assert_close(keys.norm(dim=-1), torch.ones(keys.shape[:2]))
     # The colour part is the cell's mean colour, centred on the first frame's, times 0.5, and
@@ -279,3 +279,30 @@ def test_keys_carry_the_cells_colour(model: LiteModel, judo) -> None:
     assert torch.equal(off._keys(feats, img), off._feature_keys(feats))
     with pytest.raises(ValueError, match="key_colour"):
         LiteOptions(key_colour=-0.1)
+
+
+def test_keys_carry_the_stride4_texture(model: LiteModel, judo) -> None:
+    frames = judo[0]
+    tracker = LiteTracker(model, f4_weight=0.8)
+    img = torch.from_numpy(frames[0]).permute(2, 0, 1).float()[:, :480, :848] / 255
+    feats = model.features(img[None], expanded=True)
+    coarse = tracker._coarse_keys(feats)  # (60, 106, 64)
+    keys = tracker._feature_keys(feats)  # (60, 106, 88)
+    assert keys.shape == (*coarse.shape[:2], coarse.shape[-1] + 24)
+    torch.testing.assert_close(keys.norm(dim=-1), torch.ones(keys.shape[:2]))
+    # The fine part is the stride-4 output pooled over each stride-8 cell, centred on the first
+    # frame's mean, unit-normalised and weighted 0.8; the coarse part keeps its direction.
+    fine = torch.nn.functional.avg_pool2d(feats.f4.float(), 2)[0].permute(1, 2, 0)
+    torch.testing.assert_close(tracker.state.mean4, fine.mean(dim=(0, 1)))
+    fine = torch.nn.functional.normalize(fine - fine.mean(dim=(0, 1)), dim=-1) * 0.8
+    expected = torch.cat([coarse, fine], -1) / (1 + 0.8**2) ** 0.5
+    torch.testing.assert_close(keys, expected, atol=1e-5, rtol=1e-5)
+    # The centre stays the first frame's.
+    later = model.features((img + 0.1).clamp(max=1)[None], expanded=True)
+    tracker._feature_keys(later)
+    torch.testing.assert_close(tracker.state.mean4, feats.f4.float().mean(dim=(0, 2, 3)))
+    # f4_weight 0: the stride-8/16 keys alone.
+    off = LiteTracker(model, f4_weight=0.0)
+    assert torch.equal(off._feature_keys(feats), off._coarse_keys(feats))
+    with pytest.raises(ValueError, match="f4_weight"):
+        LiteOptions(f4_weight=-0.1)
