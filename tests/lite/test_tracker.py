@@ -241,7 +241,8 @@ def test_classifier_follows_the_objects(model: LiteModel, judo) -> None:
     tracker = LiteTracker(model, max_internal_size=SIZE)
     tracker.step(frames[0], masks[0])
     w = tracker.state.classifier
-    key_channels = tracker.state.basis.shape[1] + 3  # projected features and the colour
+    # projected features, the pooled stride-4 features and the colour
+    key_channels = tracker.state.basis.shape[1] + model.channels[4] + 3
     assert w is not None and w.shape == (key_channels + 1, 2)
     tracker.step(frames[1])
     assert tracker.state.classifier is w  # predicted frames do not refit it
