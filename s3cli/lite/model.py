@@ -14,12 +14,16 @@ import torch
 from torch import nn
 
 from s3cli.model.backbones.efficientnet_lite import (
+    LITE_VARIANTS,
     FoldedEfficientNetLite,
     fold_batchnorm,
     load_efficientnet_lite,
 )
 
-__all__ = ["LiteFeatures", "LiteModel", "load_lite_model"]
+__all__ = ["LITE_BACKBONES", "LiteFeatures", "LiteModel", "load_lite_model"]
+
+LITE_BACKBONES: tuple[str, ...] = tuple(n for n, v in LITE_VARIANTS.items() if v.sha256)
+"""The EfficientNet-Lite sizes whose packaged weights are known (lite0, lite2)."""
 
 
 @dataclass
@@ -80,8 +84,8 @@ def load_lite_model(
     Raises :class:`~s3cli.errors.CheckpointError` when the file is missing, corrupted or not
     the expected weights.
     """
-    if backbone not in ("lite0", "lite2"):
-        raise ValueError(f"backbone must be 'lite0' or 'lite2', got {backbone!r}")
+    if backbone not in LITE_BACKBONES:
+        raise ValueError(f"backbone must be one of {', '.join(LITE_BACKBONES)}, got {backbone!r}")
     net = load_efficientnet_lite(weights, backbone)
     trunk = fold_batchnorm(net, strides=(4, 8, 16), expanded=(8, 16))
     return LiteModel(trunk).to(device)

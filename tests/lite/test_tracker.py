@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from s3cli.lite import LiteModel, LiteOptions, LiteTracker, load_lite_model
+from s3cli.lite import LiteFeatures, LiteModel, LiteOptions, LiteTracker, load_lite_model
 from s3cli.lite.propagation import (
     TileGrid,
     pad_cells,
@@ -257,11 +257,15 @@ def test_classifier_follows_the_objects(model: LiteModel, judo) -> None:
     assert off.state.classifier is None
 
 
+def _first_frame(model: LiteModel, judo) -> tuple[torch.Tensor, LiteFeatures]:
+    """The judo clip's first frame (3, 480, 848) in [0, 1] and its expanded features."""
+    img = torch.from_numpy(judo[0][0]).permute(2, 0, 1).float()[:, :480, :848] / 255
+    return img, model.features(img[None], expanded=True)
+
+
 def test_keys_carry_the_cells_colour(model: LiteModel, judo) -> None:
-    frames = judo[0]
     tracker = LiteTracker(model, key_colour=0.5)
-    img = torch.from_numpy(frames[0]).permute(2, 0, 1).float()[:, :480, :848] / 255
-    feats = model.features(img[None], expanded=True)
+    img, feats = _first_frame(model, judo)
     plain = tracker._feature_keys(feats)  # (60, 106, 88)
     keys = tracker._keys(feats, img)  # (60, 106, 91)
     assert keys.shape == (*plain.shape[:2], plain.shape[-1] + 3)
@@ -283,10 +287,8 @@ def test_keys_carry_the_cells_colour(model: LiteModel, judo) -> None:
 
 
 def test_keys_carry_the_stride4_texture(model: LiteModel, judo) -> None:
-    frames = judo[0]
     tracker = LiteTracker(model, f4_weight=0.8)
-    img = torch.from_numpy(frames[0]).permute(2, 0, 1).float()[:, :480, :848] / 255
-    feats = model.features(img[None], expanded=True)
+    img, feats = _first_frame(model, judo)
     coarse = tracker._coarse_keys(feats)  # (60, 106, 64)
     keys = tracker._feature_keys(feats)  # (60, 106, 88)
     assert keys.shape == (*coarse.shape[:2], coarse.shape[-1] + 24)
