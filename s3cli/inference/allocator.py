@@ -20,6 +20,15 @@ where the C library is not glibc (macOS, Windows, musl):
   paid it on every frame: ``benchmarks/speed.py --models cutie-base --objects 1 --frames 14``
   printed 435,808 faults and 1.310 s per frame with 4 MiB, 62,590 and 0.929 s with 32 MiB (same
   session); the peak RSS of that run rose from 624 to 719 MiB, the heap keeping its pages.
+
+The heap's trim threshold is :data:`TRIM_THRESHOLD` (1 GiB), so that it is emptied only by
+:func:`release_freed_memory`. At 64 MiB it handed back the pages of a frame's freed activations
+whenever more than 64 MiB lay free at its top, and s3-base at 480p faulted 48,900-61,600 pages
+in again every frame (bf16, ``benchmarks/speed.py --models s3-base --objects 1 --frames 14
+--precision bf16``, five runs), against 15,000-17,200 now, with the same peak RSS (1,466-1,511
+MiB before, 1,478-1,515 now). ``benchmarks/memory_long_video.py --network fake`` (480x864):
+peaks 490.3 / 439.5 MiB at 1,000 / 3,000 frames, against 484.7 / 520.6 MiB before (peaks move
+by up to 10 % between runs of the same code on the shared machine this was measured on).
 """
 
 from __future__ import annotations
@@ -32,6 +41,7 @@ import sys
 __all__ = [
     "HEAP_THRESHOLD",
     "MMAP_THRESHOLD",
+    "TRIM_THRESHOLD",
     "fix_mmap_threshold",
     "release_freed_memory",
 ]
@@ -41,6 +51,10 @@ MMAP_THRESHOLD = 4 << 20
 
 HEAP_THRESHOLD = 32 << 20
 """glibc's largest mmap threshold on 64-bit systems (``DEFAULT_MMAP_THRESHOLD_MAX``)."""
+
+TRIM_THRESHOLD = 1 << 30
+"""Free memory the heap may keep at its top between calls of :func:`release_freed_memory`
+(a frame's activations, freed at its end, are reused by the next frame)."""
 
 _M_TRIM_THRESHOLD = -1  # mallopt parameter numbers (malloc.h)
 _M_MMAP_THRESHOLD = -3
@@ -66,14 +80,15 @@ def fix_mmap_threshold(threshold: int = MMAP_THRESHOLD) -> bool:
     """Memory-map every allocation of ``threshold`` bytes or more, for the whole process and
     for good (glibc's dynamic threshold is switched off). True if the C library took it.
 
-    The heap's trim threshold is set as glibc's dynamic rule would set it, to twice the largest
-    threshold: fixing the mmap threshold leaves it at 128 KiB, and the heap would then hand the
-    pages of every frame's freed activations back to the system, to fault them in again on the
-    next frame."""
+    The heap's trim threshold is raised to :data:`TRIM_THRESHOLD`: fixing the mmap threshold
+    leaves it at 128 KiB, and the heap would then hand the pages of every frame's freed
+    activations back to the system as they are freed, to fault them in again on the next
+    frame. Free heap pages are returned by :func:`release_freed_memory` instead, which the
+    engine calls after each memorised frame."""
     libc = _glibc()
     if libc is None:
         return False
-    libc.mallopt(_M_TRIM_THRESHOLD, 2 * HEAP_THRESHOLD)
+    libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)
     return bool(libc.mallopt(_M_MMAP_THRESHOLD, int(threshold)))
 
 

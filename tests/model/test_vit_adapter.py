@@ -429,11 +429,16 @@ def test_bf16_autocast_keeps_the_stride4_map_in_bf16() -> None:
 
 
 def test_blocked_attention_equals_sdpa() -> None:
-    """Blocks of queries (the last one partial) give the whole softmax attention."""
+    """Each head in blocks of queries (the last one partial), and each head whole, give the
+    whole softmax attention; so do keys of another length than the queries."""
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 3, 300, 16) for _ in range(3))
     ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=0.3)
-    torch.testing.assert_close(blocked_attention(q, k, v, 0.3, block=128), ref)
+    torch.testing.assert_close(blocked_attention(q, k, v, 0.3, max_scores=128 * 300), ref)
+    torch.testing.assert_close(blocked_attention(q, k, v, 0.3), ref)
+    k2, v2 = torch.randn(2, 3, 70, 16), torch.randn(2, 3, 70, 16)
+    ref2 = torch.nn.functional.scaled_dot_product_attention(q, k2, v2, scale=0.3)
+    torch.testing.assert_close(blocked_attention(q, k2, v2, 0.3, max_scores=50 * 70), ref2)
     half = blocked_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), 0.3)
     assert half.dtype == torch.bfloat16
     torch.testing.assert_close(half.float(), ref, rtol=0.02, atol=0.02)
