@@ -25,7 +25,7 @@ The heap's trim threshold is :data:`TRIM_THRESHOLD` (1 GiB), so that it is empti
 :func:`release_freed_memory`. At 64 MiB it handed back the pages of a frame's freed activations
 whenever more than 64 MiB lay free at its top, and s3-base at 480p faulted 48,900-61,600 pages
 in again every frame (bf16, ``benchmarks/speed.py --models s3-base --objects 1 --frames 14
---precision bf16``, five runs), against 15,000-17,200 now, with the same peak RSS (1,466-1,511
+--precision bf16``, five runs), against 14,900-17,200 now, with the same peak RSS (1,466-1,511
 MiB before, 1,478-1,515 now). ``benchmarks/memory_long_video.py --network fake`` (480x864):
 peaks 490.3 / 439.5 MiB at 1,000 / 3,000 frames, against 484.7 / 520.6 MiB before (peaks move
 by up to 10 % between runs of the same code on the shared machine this was measured on).

@@ -13,13 +13,15 @@ from s3cli.inference import allocator, engine
 
 # In a fresh process (as the CLI is): in a long-lived one the heap may already hold free blocks
 # big enough for the test's arrays, which glibc then serves from the heap whatever the threshold.
-_CHILD = """
-import numpy as np
-from s3cli.inference.allocator import fix_mmap_threshold
-
+_RSS = """
 def rss():
     with open("/proc/self/statm") as fh:
         return int(fh.read().split()[1]) * 4096 / 2**20
+"""
+
+_CHILD = _RSS + """
+import numpy as np
+from s3cli.inference.allocator import fix_mmap_threshold
 
 assert fix_mmap_threshold()
 before = rss()
@@ -40,13 +42,9 @@ def test_freed_large_blocks_leave_resident_memory() -> None:
     assert after - before < 8, (before, during, after)
 
 
-_CHILD_HEAP = """
+_CHILD_HEAP = _RSS + """
 import numpy as np
 from s3cli.inference.allocator import HEAP_THRESHOLD, fix_mmap_threshold, release_freed_memory
-
-def rss():
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * 4096 / 2**20
 
 assert fix_mmap_threshold(HEAP_THRESHOLD)
 before = rss()
